@@ -1,0 +1,1250 @@
+"""Cache joblib.Memory results in Amazon S3 and S3-compatible object stores.
+
+joblib_store is one file: install it with pip, or copy ``joblib_store.py``
+into your project. It gives joblib a store backend that keeps the cache in a
+bucket, so every process and every machine pointing at that bucket shares it::
+
+    import joblib_store
+    joblib_store.register_s3_store_backend()
+    memory = joblib.Memory("s3://my-bucket/cache", compress=True)
+
+It needs joblib >= 1.2 and s3fs. Credentials and the endpoint come from the
+usual AWS chain (environment, ``~/.aws``, instance role, ``AWS_ENDPOINT_URL``)
+unless given in ``backend_options``; see ``S3StoreBackend.configure``.
+
+Cached values are pickles: whoever can write the bucket can run code in every
+process that reads it. Use a bucket that only your jobs can write.
+
+Copyright (c) 2026, the joblib-store developers. BSD 3-clause licence.
+"""
+
+__all__ = ["S3StoreBackend", "register_s3_store_backend"]
+__version__ = "0.1.0"
+
+import asyncio
+import collections
+import datetime
+import functools
+import inspect
+import io
+import json
+import os
+import posixpath
+import re
+import sys
+import threading
+import time
+import warnings
+from pickle import PicklingError
+
+import joblib
+import joblib.memory
+from joblib import numpy_pickle
+from joblib.disk import memstr_to_bytes
+from joblib._store_backends import (
+    CacheItemInfo,
+    StoreBackendBase,
+    StoreBackendMixin,
+)
+from joblib.logger import format_time
+
+# --------------------------------------------------------------------------
+# What the installed joblib offers. Each check is made once, here; search for
+# "Breakpoint" to find every difference between the joblib releases we
+# support (1.2 to 1.6).
+# --------------------------------------------------------------------------
+
+try:
+    from joblib._store_backends import CacheWarning
+except ImportError:  # Breakpoint: joblib < 1.3 had no CacheWarning.
+
+    class CacheWarning(Warning):
+        """A cache operation failed; the result was computed anyway."""
+
+
+# Breakpoint: joblib < 1.4 calls load_item(path, verbose, msg) with a ready
+# message; later releases call load_item(call_id, verbose, timestamp, metadata).
+_LOAD_ITEM_TAKES_MSG = (
+    "msg" in inspect.signature(StoreBackendMixin.load_item).parameters
+)
+
+# Breakpoint: joblib < 1.3 evicts with reduce_store_size(bytes_limit); later
+# releases with enforce_store_limits(bytes_limit, items_limit, age_limit).
+_HAS_ENFORCE_STORE_LIMITS = hasattr(StoreBackendMixin, "enforce_store_limits")
+
+# --------------------------------------------------------------------------
+# Layout of a cache in a bucket. It is joblib's folder layout, one object per
+# file: <prefix>/<func_id>/func_code.py and <prefix>/<func_id>/<args_id>/
+# {output.pkl, metadata.json}, where func_id may itself contain slashes.
+# --------------------------------------------------------------------------
+
+OUTPUT = "output.pkl"
+METADATA = "metadata.json"
+FUNC_CODE = "func_code.py"
+_ITEM_NAMES = (OUTPUT, METADATA)
+_ARGS_ID = re.compile(r"[a-f0-9]{32}")
+
+# S3's rules for bucket names: 3 to 63 lowercase letters, digits, dots and
+# hyphens, starting and ending with a letter or a digit.
+_BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+_MiB = 2**20
+# S3 takes 5 MiB to 5 GiB per part and 10 000 parts per upload.
+_MIN_PART_SIZE = 5 * _MiB
+_MAX_PART_SIZE = 5 * 2**30
+_MAX_PARTS = 10_000
+# Part sizes double every 1000 parts, so that 8 MiB parts still reach
+# several TiB within S3's part count, while small results stay cheap.
+_PARTS_PER_SIZE = 1000
+_DELETE_BATCH = 1000  # keys per DeleteObjects request, S3's maximum
+_LIST_PAGE = 1000  # keys per ListObjectsV2 page, S3's maximum
+
+DEFAULT_PART_SIZE = 8 * _MiB
+DEFAULT_MAX_CONCURRENCY = 4
+# Objects up to this size are read in one piece; larger ones are streamed.
+_SMALL_OBJECT = 1 * _MiB
+_READ_CHUNK = 1 * _MiB
+_BUCKET_CHECK_TIMEOUT = 10  # seconds, for the one check made by configure
+
+# Options of ours, next to joblib's own (compress, mmap_mode) and the
+# keywords of s3fs.S3FileSystem, which are read from s3fs itself.
+_STORE_OPTIONS = (
+    "bucket",
+    "fs",
+    "storage_options",
+    "create_bucket",
+    "part_size",
+    "max_concurrency",
+)
+_JOBLIB_OPTIONS = ("compress", "mmap_mode")
+_MMAP_MODES = (None, "r", "r+", "w+", "c")
+
+
+def _s3fs():
+    """Import s3fs on first use, so importing this module stays cheap."""
+    import s3fs
+
+    return s3fs
+
+
+@functools.lru_cache(maxsize=None)
+def _s3fs_option_names():
+    """The keywords ``s3fs.S3FileSystem`` takes, from its signature."""
+    s3fs = _s3fs()
+    parameters = inspect.signature(s3fs.S3FileSystem.__init__).parameters
+    names = {
+        name
+        for name, parameter in parameters.items()
+        if parameter.kind is parameter.POSITIONAL_OR_KEYWORD and name != "self"
+    }
+    # Handled by its **kwargs: the AWS profile and fsspec's caching flags.
+    names.update(
+        ["profile", "skip_instance_cache", "use_listings_cache",
+         "listings_expiry_time", "max_paths"]
+    )
+    # Threads and loops are ours to choose.
+    names.difference_update(["asynchronous", "loop"])
+    return frozenset(names)
+
+
+def _parse_location(location, bucket=None):
+    """Split a cache location into a bucket and a key prefix.
+
+    Parameters
+    ----------
+    location : str
+        ``s3://bucket/prefix``, or with ``bucket`` given, a prefix inside it
+        (a leading slash is dropped, so ``/abs/cache`` stays in that bucket).
+    bucket : str, optional
+        The bucket named in ``backend_options``.
+
+    Returns
+    -------
+    bucket, prefix : str
+        The prefix has no leading or trailing slash.
+    """
+    if not isinstance(location, str):
+        raise TypeError(
+            f"an S3 cache location is a string such as 's3://bucket/prefix', "
+            f"not {type(location).__name__}"
+        )
+    if bucket is not None and not isinstance(bucket, str):
+        raise TypeError(f"the bucket option must be a str, not {type(bucket).__name__}")
+    if location.lower().startswith("s3://"):
+        url_bucket, _, prefix = location[5:].partition("/")
+        if bucket is not None and url_bucket != bucket:
+            raise ValueError(
+                f"location {location!r} names bucket {url_bucket!r} but the "
+                f"bucket option says {bucket!r}: give the bucket once"
+            )
+        if not url_bucket:
+            raise ValueError(
+                f"location {location!r} names no bucket: write it as "
+                f"'s3://BUCKET/PREFIX'"
+            )
+        bucket = url_bucket
+    elif bucket is None:
+        raise ValueError(
+            f"location {location!r} is not an S3 URL: write it as "
+            f"'s3://BUCKET/PREFIX', or give backend_options={{'bucket': ...}}"
+        )
+    else:
+        prefix = location
+    if not _BUCKET_NAME.fullmatch(bucket) or ".." in bucket:
+        raise ValueError(
+            f"bucket name {bucket!r} is not valid: S3 bucket names have 3 to "
+            f"63 lowercase letters, digits, dots or hyphens"
+        )
+    prefix = "/".join(part for part in prefix.split("/") if part)
+    if not prefix:
+        # joblib.Memory appends "/joblib" to every string location, so an
+        # empty prefix means the bucket itself came from "s3://" or similar.
+        raise ValueError(
+            f"location {location!r} has no bucket and prefix: write it as "
+            f"'s3://BUCKET/PREFIX' (Memory('s3://') reads 'joblib' as the "
+            f"bucket name)"
+        )
+    return bucket, prefix
+
+
+def _check_compress(compress):
+    """Raise a clear error now for a compress joblib would refuse later."""
+    if not isinstance(compress, (bool, int, str, tuple)):
+        raise TypeError(
+            f"compress={compress!r} has the wrong type: use False, True, an "
+            f"int level 0-9, a method name such as 'zlib', or a tuple such "
+            f"as ('zlib', 3)"
+        )
+    try:
+        numpy_pickle.dump(None, io.BytesIO(), compress=compress)
+    except ValueError as error:
+        raise ValueError(
+            f"compress={compress!r} is not valid: use False, True, an int "
+            f"level 0-9, a method name such as 'zlib', or a tuple such as "
+            f"('zlib', 3) ({error})"
+        ) from None
+
+
+def _check_positive_int(name, value, minimum):
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name}={value} is too small: the minimum is {minimum}")
+
+
+# --------------------------------------------------------------------------
+# Talking to S3. All requests go through S3StoreBackend._call, which runs the
+# aiobotocore client of s3fs on s3fs's event loop thread, and errors are
+# translated into the OSError subclasses joblib and users expect.
+# --------------------------------------------------------------------------
+
+
+def _error_code(error):
+    response = getattr(error, "response", None) or {}
+    code = str(response.get("Error", {}).get("Code", ""))
+    status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return code, status
+
+
+def _is_missing(error):
+    code, status = _error_code(error)
+    return status == 404 or code in ("404", "NoSuchKey", "NoSuchBucket", "NotFound")
+
+
+def _is_denied(error):
+    code, status = _error_code(error)
+    return status == 403 or code in ("403", "AccessDenied", "Forbidden")
+
+
+def _is_unreachable(error):
+    botocore_exceptions = sys.modules.get("botocore.exceptions")
+    if botocore_exceptions is None:
+        return False
+    return isinstance(
+        error,
+        (
+            botocore_exceptions.EndpointConnectionError,
+            botocore_exceptions.ConnectTimeoutError,
+            asyncio.TimeoutError,
+        ),
+    )
+
+
+def _is_no_credentials(error):
+    botocore_exceptions = sys.modules.get("botocore.exceptions")
+    return botocore_exceptions is not None and isinstance(
+        error,
+        (
+            botocore_exceptions.NoCredentialsError,
+            botocore_exceptions.PartialCredentialsError,
+        ),
+    )
+
+
+class _LazyMetadata(dict):
+    """The metadata of one cached call, downloaded when first read.
+
+    joblib asks for an item's metadata on every cache hit but reads it only
+    when a ``cache_validation_callback`` is set, so a hit without one costs
+    no request for it. It behaves as a plain dict, and pickles as one.
+    """
+
+    def __init__(self, fetch):
+        super().__init__()
+        self._fetch = fetch
+
+    def _load(self):
+        fetch, self._fetch = self._fetch, None
+        if fetch is not None:
+            dict.update(self, fetch())
+
+    def __reduce__(self):
+        self._load()
+        return dict, (dict(self.items()),)
+
+
+def _loading_first(name):
+    method = getattr(dict, name)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._load()
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+for _name in (
+    "__getitem__", "__contains__", "__iter__", "__len__", "__repr__",
+    "__eq__", "__ne__", "__setitem__", "__delitem__", "get", "keys",
+    "values", "items", "copy", "update", "setdefault", "pop", "popitem",
+    "clear",
+):
+    setattr(_LazyMetadata, _name, _loading_first(_name))
+del _name
+
+
+class _StreamingReader(io.RawIOBase):
+    """Read the body of one GET while the next bytes are still arriving.
+
+    A task on s3fs's event loop pulls the body into a queue of at most
+    ``prefetch`` bytes, and ``readinto`` takes from it: unpickling overlaps
+    the transfer, and memory stays bounded whatever the object's size.
+    """
+
+    def __init__(self, loop, body, prefetch):
+        super().__init__()
+        self._loop = loop
+        self._body = body
+        self._prefetch = prefetch
+        self._chunks = collections.deque()
+        self._buffered = 0
+        self._position = 0
+        self._finished = False
+        self._error = None
+        self._changed = threading.Condition()
+        self._room = None
+        self._task = asyncio.run_coroutine_threadsafe(self._pump(), loop)
+
+    async def _pump(self):
+        self._room = asyncio.Event()
+        try:
+            while not self.closed:
+                chunk = await self._body.read(_READ_CHUNK)
+                with self._changed:
+                    if chunk:
+                        self._chunks.append(memoryview(chunk))
+                        self._buffered += len(chunk)
+                    else:
+                        self._finished = True
+                    self._changed.notify_all()
+                    full = self._buffered >= self._prefetch
+                    if full:
+                        self._room.clear()
+                if not chunk:
+                    return
+                if full:
+                    await self._room.wait()
+        except BaseException as error:  # handed to the reading thread
+            with self._changed:
+                self._error = error
+                self._finished = True
+                self._changed.notify_all()
+            if not isinstance(error, Exception):
+                raise
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        with self._changed:
+            while not self._chunks and not self._finished:
+                self._changed.wait()
+            if self._error is not None and not self._chunks:
+                raise OSError(f"reading from S3 failed: {self._error}") from self._error
+            while self._chunks and filled < len(target):
+                chunk = self._chunks[0]
+                size = min(len(chunk), len(target) - filled)
+                target[filled:filled + size] = chunk[:size]
+                filled += size
+                if size == len(chunk):
+                    self._chunks.popleft()
+                else:
+                    self._chunks[0] = chunk[size:]
+            self._buffered -= filled
+        self._position += filled
+        if self._room is not None:
+            self._loop.call_soon_threadsafe(self._room.set)
+        return filled
+
+    def tell(self):
+        return self._position
+
+    def close(self):
+        if not self.closed:
+            super().close()
+            if not self._task.done():
+                self._loop.call_soon_threadsafe(self._task.cancel)
+                if self._room is not None:
+                    self._loop.call_soon_threadsafe(self._room.set)
+            # Closing releases the connection, also when unread bytes remain.
+            self._loop.call_soon_threadsafe(self._body.close)
+
+
+class _MultipartWriter(io.RawIOBase):
+    """Write one S3 object as it is produced, never holding all of it.
+
+    Bytes gather until a part is full; then the part uploads in the
+    background while the writer goes on (so compression and transfer
+    overlap), with at most ``max_concurrency`` parts in flight. A result
+    smaller than one part costs a single PUT. Nothing is visible in the
+    bucket until ``close`` completes the upload; ``abort`` (or an error)
+    aborts it, so no parts are left billed.
+    """
+
+    def __init__(self, store, key, part_size, max_concurrency):
+        super().__init__()
+        self._store = store
+        self._key = key
+        self._part_size = part_size
+        self._max_concurrency = max_concurrency
+        self._chunks = []
+        self._buffered = 0
+        self._written = 0
+        self._upload_id = None
+        self._in_flight = collections.deque()
+        self._parts = []
+
+    def writable(self):
+        return True
+
+    def tell(self):
+        return self._written
+
+    def write(self, data):
+        if self.closed:
+            raise ValueError("write to a closed S3 object")
+        # bytes(...) is free for bytes, and copies buffers the caller may reuse.
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        if chunk:
+            self._chunks.append(chunk)
+            self._buffered += len(chunk)
+            self._written += len(chunk)
+            if self._buffered >= self._current_part_size():
+                self._send_part()
+        return len(chunk)
+
+    def _current_part_size(self):
+        doublings = len(self._parts) // _PARTS_PER_SIZE
+        return min(self._part_size << doublings, _MAX_PART_SIZE)
+
+    def _take_buffer(self):
+        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
+        self._chunks = []
+        self._buffered = 0
+        return data
+
+    def _send_part(self):
+        store = self._store
+        if self._upload_id is None:
+            response = store._call(
+                "create_multipart_upload", Key=self._key, **store._object_headers()
+            )
+            self._upload_id = response["UploadId"]
+        part_number = len(self._parts) + 1
+        if part_number > _MAX_PARTS:
+            raise OSError(
+                f"the result is too large for one S3 object with "
+                f"part_size={self._part_size}: raise part_size"
+            )
+        data = self._take_buffer()
+        self._parts.append(None)
+        future = store._submit(
+            "upload_part",
+            Key=self._key,
+            UploadId=self._upload_id,
+            PartNumber=part_number,
+            Body=data,
+        )
+        self._in_flight.append((part_number, future))
+        while len(self._in_flight) >= self._max_concurrency:
+            self._finish_oldest_part()
+
+    def _finish_oldest_part(self):
+        part_number, future = self._in_flight.popleft()
+        response = future.result()
+        self._parts[part_number - 1] = {
+            "PartNumber": part_number,
+            "ETag": response["ETag"],
+        }
+
+    def close(self):
+        """Make the object visible in the bucket, or abort on any error."""
+        if self.closed:
+            return
+        try:
+            if self._upload_id is None:
+                self._store._call(
+                    "put_object",
+                    Key=self._key,
+                    Body=self._take_buffer() if self._chunks else b"",
+                    **self._store._object_headers(),
+                )
+            else:
+                if self._chunks:
+                    self._send_part()
+                while self._in_flight:
+                    self._finish_oldest_part()
+                self._store._call(
+                    "complete_multipart_upload",
+                    Key=self._key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},
+                )
+        except BaseException:
+            self.abort()
+            raise
+        super().close()
+
+    def abort(self):
+        """Forget what was written; nothing of it stays in the bucket."""
+        if self.closed:
+            return
+        super().close()
+        self._chunks = []
+        for _, future in self._in_flight:
+            future.cancel()
+        for _, future in self._in_flight:
+            try:
+                future.result()
+            except BaseException:
+                pass
+        self._in_flight.clear()
+        if self._upload_id is not None:
+            try:
+                self._store._call(
+                    "abort_multipart_upload", Key=self._key, UploadId=self._upload_id
+                )
+            except Exception as error:
+                self._store._warn_cache_failure("abort a multipart upload", error)
+
+
+# Buckets this process has already checked, and the filesystem each was
+# reached with, so that a backend configured from a location alone (joblib
+# does that) reaches the cache the same way as the first one.
+_CHECKED_BUCKETS = set()
+_FILESYSTEM_BY_BUCKET = {}
+
+
+class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
+    """A joblib store backend that keeps the cache in an S3 bucket.
+
+    Results are written straight to their final key (an S3 PUT is atomic), as
+    one PUT or a streamed multipart upload, and read with one streamed GET.
+    A cache hit costs a HEAD and a GET; see the README for every operation.
+    """
+
+    location = None
+    verbose = 0
+    compress = False
+    mmap_mode = None
+
+    # ---------------------------------------------------------------- setup
+
+    def configure(self, location, verbose=0, backend_options=None):
+        """Point the backend at a bucket and prefix, and check the bucket.
+
+        Parameters
+        ----------
+        location : str
+            ``s3://bucket/prefix``; or a prefix, with the ``bucket`` option.
+        verbose : int
+            joblib's verbosity.
+        backend_options : dict, optional
+            ``bucket``; ``storage_options`` (a dict for
+            ``s3fs.S3FileSystem``) or any of its keywords given directly
+            (``endpoint_url``, ``key``, ``secret``, ``token``, ``profile``,
+            ``anon``, ``client_kwargs``, ``config_kwargs``,
+            ``s3_additional_kwargs``, ...); ``fs``, a ready
+            ``S3FileSystem``; ``create_bucket`` (default False);
+            ``part_size`` (bytes per uploaded part, default 8 MiB) and
+            ``max_concurrency`` (parts in flight, default 4); and joblib's own
+            ``compress`` and ``mmap_mode``.
+        """
+        options = dict(backend_options or {})
+        compress = options.pop("compress", False)
+        mmap_mode = options.pop("mmap_mode", None)
+        bucket = options.pop("bucket", None)
+        fs = options.pop("fs", None)
+        storage_options = options.pop("storage_options", None) or {}
+        create_bucket = options.pop("create_bucket", False)
+        part_size = options.pop("part_size", DEFAULT_PART_SIZE)
+        max_concurrency = options.pop("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+
+        unknown = sorted(set(options) - _s3fs_option_names())
+        if unknown:
+            valid = sorted(
+                set(_STORE_OPTIONS) | set(_JOBLIB_OPTIONS) | _s3fs_option_names()
+            )
+            raise TypeError(
+                f"unknown backend_options for the S3 store: {', '.join(unknown)}. "
+                f"Valid options are: {', '.join(valid)}"
+            )
+        if not isinstance(storage_options, dict):
+            raise TypeError(
+                f"storage_options must be a dict, not {type(storage_options).__name__}"
+            )
+        storage_options = {**storage_options, **options}
+        if fs is not None and storage_options:
+            raise TypeError(
+                "give either a ready S3FileSystem as fs, or options to build "
+                f"one ({', '.join(sorted(storage_options))}), not both"
+            )
+        if fs is not None and not isinstance(fs, _s3fs().S3FileSystem):
+            raise TypeError(f"fs must be an s3fs.S3FileSystem, not {type(fs).__name__}")
+        _check_compress(compress)
+        if mmap_mode not in _MMAP_MODES:
+            raise ValueError(
+                f"mmap_mode={mmap_mode!r} is not valid: use one of {_MMAP_MODES}"
+            )
+        _check_positive_int("part_size", part_size, _MIN_PART_SIZE)
+        _check_positive_int("max_concurrency", max_concurrency, 1)
+        bucket, prefix = _parse_location(location, bucket)
+
+        if fs is None:
+            if storage_options:
+                fs = _make_filesystem(storage_options)
+            elif self.location is not None and self.bucket == bucket:
+                fs = self.fs  # configure(store.location) keeps the store as is
+            else:
+                fs = _FILESYSTEM_BY_BUCKET.get(bucket) or _make_filesystem({})
+
+        self.bucket = bucket
+        self.prefix = prefix
+        self.location = f"s3://{bucket}/{prefix}"
+        self.fs = fs
+        self.compress = compress
+        self.mmap_mode = mmap_mode
+        self.verbose = verbose
+        self.part_size = part_size
+        self.max_concurrency = max_concurrency
+        self._warned = set()
+        self._check_bucket(create_bucket)
+        _FILESYSTEM_BY_BUCKET[bucket] = fs
+        if mmap_mode is not None:
+            warnings.warn(
+                f"S3 objects cannot be memory-mapped: mmap_mode={mmap_mode!r} "
+                f"is ignored by the cache in {self.location}, and results are "
+                f"loaded into memory",
+                UserWarning,
+                stacklevel=4,
+            )
+
+    def _check_bucket(self, create_bucket):
+        """Fail early and clearly when the bucket cannot be used."""
+        checked = (self.endpoint, self.bucket)
+        if checked in _CHECKED_BUCKETS:
+            return
+        try:
+            self._call("head_bucket", timeout=_BUCKET_CHECK_TIMEOUT)
+        except Exception as error:
+            if _is_missing(error) and create_bucket:
+                self._create_bucket()
+            else:
+                raise self._configure_error(error) from None
+        _CHECKED_BUCKETS.add(checked)
+
+    def _create_bucket(self):
+        region = self.fs.s3.meta.region_name
+        configuration = {}
+        if region and region != "us-east-1":
+            configuration = {
+                "CreateBucketConfiguration": {"LocationConstraint": region}
+            }
+        try:
+            self._call("create_bucket", **configuration)
+        except Exception as error:
+            raise self._configure_error(error) from None
+
+    def _configure_error(self, error):
+        where = f"bucket {self.bucket!r} at endpoint {self.endpoint}"
+        if _is_missing(error):
+            return FileNotFoundError(
+                f"{where} does not exist: create it (for example with "
+                f"'aws s3 mb s3://{self.bucket}'), correct the name, or pass "
+                f"backend_options={{'create_bucket': True}}"
+            )
+        if _is_denied(error):
+            return PermissionError(
+                f"access to {where} is denied: use credentials that may list "
+                f"and write s3://{self.bucket}/{self.prefix} (an AWS profile, "
+                f"the AWS_* environment variables, or the key and secret options)"
+            )
+        if _is_no_credentials(error):
+            return PermissionError(
+                f"no AWS credentials were found for {where}: set "
+                f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use a profile, "
+                f"or pass anon=True for a public bucket"
+            )
+        if _is_unreachable(error):
+            return ConnectionError(
+                f"cannot reach {where}: check endpoint_url (or "
+                f"AWS_ENDPOINT_URL) and that the server is up"
+            )
+        return OSError(f"cannot use {where}: {error}")
+
+    @property
+    def endpoint(self):
+        """The URL requests go to (never with credentials)."""
+        try:
+            return self.fs.s3.meta.endpoint_url
+        except Exception:
+            return self.fs.endpoint_url or "the default AWS endpoint"
+
+    def __getstate__(self):
+        # The filesystem pickles as its options (fsspec re-creates it), so the
+        # store works in a joblib worker without being configured again.
+        state = self.__dict__.copy()
+        state["_warned"] = set()
+        return state
+
+    # ------------------------------------------------------------- requests
+
+    async def _request(self, method, **kwargs):
+        client = await self.fs.set_session()
+        bound = getattr(client, method)
+        # s3fs adds its s3_additional_kwargs (encryption, requester pays) to
+        # every request, keeping only those this method accepts.
+        kwargs = self.fs._get_s3_method_kwargs(bound, Bucket=self.bucket, **kwargs)
+        return await bound(**kwargs)
+
+    def _submit(self, method, **kwargs):
+        """Start one S3 request on s3fs's loop; return a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(
+            self._request(method, **kwargs), self.fs.loop
+        )
+
+    def _call(self, method, timeout=None, **kwargs):
+        """Make one S3 request and wait for its response."""
+        coroutine = self._request(method, **kwargs)
+        if timeout is not None:
+            coroutine = asyncio.wait_for(coroutine, timeout)
+        return asyncio.run_coroutine_threadsafe(coroutine, self.fs.loop).result()
+
+    async def _get_body(self, key):
+        response = await self._request("get_object", Key=key)
+        body = response["Body"]
+        if response.get("ContentLength", 0) <= _SMALL_OBJECT:
+            try:
+                return io.BytesIO(await body.read())
+            finally:
+                body.close()
+        return body
+
+    def _get(self, key):
+        """Open one object for reading with a single GET.
+
+        A small object is read at once; a large one is streamed. A missing
+        key raises FileNotFoundError.
+        """
+        try:
+            body = asyncio.run_coroutine_threadsafe(
+                self._get_body(key), self.fs.loop
+            ).result()
+        except Exception as error:
+            if _is_missing(error):
+                raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
+            raise
+        if isinstance(body, io.BytesIO):
+            return body
+        reader = _StreamingReader(self.fs.loop, body, prefetch=4 * _READ_CHUNK)
+        return io.BufferedReader(reader, buffer_size=_READ_CHUNK)
+
+    def _put(self, key, data):
+        self._call("put_object", Key=key, Body=data, **self._object_headers())
+
+    def _object_headers(self):
+        return {}
+
+    def _head(self, key):
+        """HEAD one key: its response, or None when it does not exist."""
+        try:
+            return self._call("head_object", Key=key)
+        except Exception as error:
+            if _is_missing(error):
+                return None
+            raise
+
+    def _list(self, prefix):
+        """Every object under a key prefix, one request per 1000 keys."""
+        objects = []
+        kwargs = {"Prefix": prefix, "MaxKeys": _LIST_PAGE}
+        while True:
+            page = self._call("list_objects_v2", **kwargs)
+            objects.extend(page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                return objects
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def _delete(self, keys):
+        """Delete keys, 1000 per request; a missing key is not an error."""
+        keys = list(keys)
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start:start + _DELETE_BATCH]
+            response = self._call(
+                "delete_objects",
+                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+            )
+            errors = response.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise OSError(
+                    f"could not delete {len(errors)} of {len(batch)} objects in "
+                    f"s3://{self.bucket}, first s3://{self.bucket}/{first.get('Key')}: "
+                    f"{first.get('Code')} {first.get('Message')}"
+                )
+
+    def _warn_cache_failure(self, operation, error):
+        """Warn once per kind of failure; the computation goes on."""
+        kind = (operation, type(error).__name__)
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        warnings.warn(
+            f"joblib_store could not {operation} in {self.location} (endpoint "
+            f"{self.endpoint}): {type(error).__name__}: {error}. The result "
+            f"is still computed and returned.",
+            CacheWarning,
+            stacklevel=3,
+        )
+
+    # ---------------------------------------------------------------- paths
+
+    def _key(self, path, *names):
+        """The key of a joblib path: a URL in the store, or a call id."""
+        if isinstance(path, str):
+            parts = [path]
+        else:
+            parts = [self.location, *path]
+        key = posixpath.join(*parts, *names)
+        store_root = f"s3://{self.bucket}/"
+        if key.startswith(store_root):
+            key = key[len(store_root):]
+        return key
+
+    def _url(self, key):
+        return f"s3://{self.bucket}/{key}"
+
+    # ----------------------------------------- StoreBackendBase primitives
+
+    def _open_item(self, f, mode):
+        """Open the object at a URL for reading ('rb') or writing ('wb')."""
+        if mode == "rb":
+            return self._get(self._key(f))
+        if mode == "wb":
+            return io.BufferedWriter(
+                _MultipartWriter(
+                    self, self._key(f), self.part_size, self.max_concurrency
+                ),
+                buffer_size=_MiB,
+            )
+        raise ValueError(f"mode must be 'rb' or 'wb', not {mode!r}")
+
+    def _item_exists(self, location):
+        """Whether the object at a location, or any under a folder, exists."""
+        key = self._key(location).rstrip("/")
+        if posixpath.basename(key) in (OUTPUT, METADATA, FUNC_CODE):
+            return self._head(key) is not None
+        page = self._call("list_objects_v2", Prefix=key + "/", MaxKeys=1)
+        return bool(page.get("KeyCount", 0))
+
+    def _move_item(self, src, dst):
+        """S3 has no rename: copy then delete (only for joblib's own callers)."""
+        src_key, dst_key = self._key(src), self._key(dst)
+        self._call(
+            "copy_object",
+            Key=dst_key,
+            CopySource={"Bucket": self.bucket, "Key": src_key},
+            **self._object_headers(),
+        )
+        self._delete([src_key])
+
+    def create_location(self, location):
+        """Nothing to do: S3 has no folders."""
+
+    def clear_location(self, location):
+        """Delete every object under a location."""
+        prefix = self._key(location).rstrip("/") + "/"
+        self._delete(obj["Key"] for obj in self._list(prefix))
+
+    def get_items(self):
+        """Every cached result, as ``CacheItemInfo(path, size, last_access)``.
+
+        One listing request per 1000 keys, nothing per item.
+        """
+        return [item for item, _ in self._list_items()]
+
+    def _list_items(self):
+        """Cached results and their keys, from one listing of the cache."""
+        folders = collections.defaultdict(list)
+        for obj in self._list(self.prefix + "/"):
+            folder, _, name = obj["Key"].rpartition("/")
+            if _ARGS_ID.fullmatch(posixpath.basename(folder)) and name in _ITEM_NAMES:
+                folders[folder].append(obj)
+        items = []
+        for folder, objects in folders.items():
+            size = sum(obj["Size"] for obj in objects)
+            written = max(obj["LastModified"] for obj in objects)
+            last_access = datetime.datetime.fromtimestamp(written.timestamp())
+            item = CacheItemInfo(self._url(folder), size, last_access)
+            items.append((item, [obj["Key"] for obj in objects]))
+        return items
+
+    # ------------------------------------------------------------ fast paths
+    # Each overrides a StoreBackendMixin method where S3 can do better than
+    # the generic code built on the primitives above.
+
+    def contains_item(self, call_id):
+        # One HEAD of the result; a missing key is a miss, never a listing.
+        try:
+            return self._head(self._key(call_id, OUTPUT)) is not None
+        except Exception as error:
+            self._warn_cache_failure("check the cache", error)
+            return False
+
+    def _load_output(self, call_id):
+        # No existence check: contains_item has just made it, and a 404 on
+        # the GET says the same.
+        key = self._key(call_id, OUTPUT)
+        try:
+            stream = self._get(key)
+        except FileNotFoundError:
+            raise KeyError(
+                f"Non-existing item (may have been cleared).\n"
+                f"File {self._url(key)} does not exist"
+            ) from None
+        with stream:
+            return numpy_pickle.load(stream)
+
+    if _LOAD_ITEM_TAKES_MSG:
+        # Breakpoint: joblib < 1.4 passes a path list and a ready message.
+        def load_item(self, path, verbose=1, msg=None):
+            """Load a cached result with one GET."""
+            if verbose > 1:
+                if verbose < 10:
+                    print(f"{msg}...")
+                else:
+                    print(f"{msg} from {self._url(self._key(path))}")
+            return self._load_output(path)
+
+    else:
+
+        def load_item(self, call_id, verbose=1, timestamp=None, metadata=None):
+            """Load a cached result with one GET."""
+            if verbose > 1:
+                print(self._load_message(call_id, verbose, timestamp, metadata))
+            return self._load_output(call_id)
+
+        def _load_message(self, call_id, verbose, timestamp, metadata):
+            # The same words as joblib's own backend.
+            elapsed = ""
+            if timestamp is not None:
+                elapsed = "{: <16}".format(format_time(time.time() - timestamp))
+            signature = posixpath.basename(call_id[0])
+            if metadata is not None and "input_args" in metadata:
+                arguments = ", ".join(
+                    f"{name}={value}"
+                    for name, value in metadata["input_args"].items()
+                )
+                signature += f"({arguments})"
+            message = f"[Memory]{elapsed}: Loading {signature}"
+            if verbose < 10:
+                return f"{message}..."
+            return f"{message} from {self._url(self._key(call_id))}"
+
+    def dump_item(self, call_id, item, verbose=1):
+        # Streamed straight to the final key: no temporary object, no copy.
+        key = self._key(call_id, OUTPUT)
+        if verbose > 10:
+            print(f"Persisting in {self._url(posixpath.dirname(key))}")
+        stream = _MultipartWriter(self, key, self.part_size, self.max_concurrency)
+        try:
+            numpy_pickle.dump(item, stream, compress=self.compress)
+            stream.close()
+        except PicklingError as error:
+            stream.abort()
+            warnings.warn(
+                f"Unable to cache to S3: the result cannot be pickled ({error}). "
+                f"It is returned but not stored.",
+                CacheWarning,
+                stacklevel=2,
+            )
+        except Exception as error:
+            stream.abort()
+            self._warn_cache_failure("store a result", error)
+
+    def get_metadata(self, call_id):
+        # Fetched only if read: a hit without a validation callback skips it.
+        key = self._key(call_id, METADATA)
+
+        def fetch():
+            try:
+                with self._get(key) as stream:
+                    return json.loads(stream.read().decode("utf-8"))
+            except Exception:
+                return {}
+
+        return _LazyMetadata(fetch)
+
+    def store_metadata(self, call_id, metadata):
+        try:
+            self._put(
+                self._key(call_id, METADATA), json.dumps(metadata).encode("utf-8")
+            )
+        except Exception as error:
+            self._warn_cache_failure("store metadata", error)
+
+    def clear_item(self, call_id):
+        # The names are known: one DeleteObjects, no listing.
+        try:
+            self._delete(self._key(call_id, name) for name in _ITEM_NAMES)
+        except Exception as error:
+            self._warn_cache_failure("clear a result", error)
+
+    def contains_path(self, call_id):
+        # joblib's generic version calls a method that does not exist.
+        prefix = self._key(call_id).rstrip("/") + "/"
+        page = self._call("list_objects_v2", Prefix=prefix, MaxKeys=1)
+        return bool(page.get("KeyCount", 0))
+
+    def clear_path(self, call_id):
+        # No existence check first: listing an empty prefix answers that.
+        try:
+            self.clear_location(self._key(call_id))
+        except Exception as error:
+            self._warn_cache_failure("clear a function's results", error)
+
+    def store_cached_func_code(self, call_id, func_code=None):
+        # Without code joblib only asks for a folder, which S3 does not need.
+        if func_code is None:
+            return
+        try:
+            self._put(self._key(call_id, FUNC_CODE), func_code.encode("utf-8"))
+        except Exception as error:
+            self._warn_cache_failure("store function code", error)
+
+    def get_cached_func_code(self, call_id):
+        # joblib treats any OSError as "no code stored yet", so every failure
+        # becomes one: a cache that cannot be read is an empty cache.
+        key = self._key(call_id, FUNC_CODE)
+        try:
+            with self._get(key) as stream:
+                return stream.read().decode("utf-8")
+        except FileNotFoundError:
+            raise
+        except Exception as error:
+            self._warn_cache_failure("read function code", error)
+            raise OSError(f"cannot read {self._url(key)}: {error}") from error
+
+    def clear(self):
+        try:
+            self.clear_location(self.location)
+        except Exception as error:
+            self._warn_cache_failure("clear the cache", error)
+
+    def enforce_store_limits(self, bytes_limit, items_limit=None, age_limit=None):
+        """Delete the least recently used results beyond the limits.
+
+        One listing and one DeleteObjects per 1000 keys, whatever the number
+        of items.
+        """
+        if isinstance(bytes_limit, str):
+            bytes_limit = memstr_to_bytes(bytes_limit)
+        if age_limit is not None and age_limit.total_seconds() < 0:
+            raise ValueError("age_limit has to be a positive timedelta")
+        listed = self._list_items()
+        listed.sort(key=lambda entry: entry[0].last_access)
+        total_size = sum(item.size for item, _ in listed)
+        extra_items = 0 if items_limit is None else len(listed) - items_limit
+        extra_bytes = 0 if bytes_limit is None else total_size - bytes_limit
+        deadline = None if age_limit is None else datetime.datetime.now() - age_limit
+
+        doomed_keys = []
+        for item, keys in listed:
+            too_old = deadline is not None and item.last_access < deadline
+            if extra_items <= 0 and extra_bytes <= 0 and not too_old:
+                break
+            if self.verbose > 10:
+                print(f"Deleting item {item}")
+            doomed_keys.extend(keys)
+            extra_items -= 1
+            extra_bytes -= item.size
+        self._delete(doomed_keys)
+
+    if not _HAS_ENFORCE_STORE_LIMITS:
+        # Breakpoint: joblib < 1.3 calls reduce_store_size(bytes_limit).
+        def reduce_store_size(self, bytes_limit):
+            """Delete the least recently used results beyond bytes_limit."""
+            self.enforce_store_limits(bytes_limit)
+
+
+def _make_filesystem(storage_options):
+    """An s3fs filesystem, retrying transient faults with backoff."""
+    s3fs = _s3fs()
+    options = dict(storage_options)
+    config_kwargs = dict(options.get("config_kwargs") or {})
+    # botocore's "standard" mode retries throttling, 5xx and dropped
+    # connections with jittered backoff, and unlike its legacy mode it does
+    # not spend minutes on an endpoint that refuses connections.
+    config_kwargs.setdefault("retries", {"max_attempts": 4, "mode": "standard"})
+    options["config_kwargs"] = config_kwargs
+    return s3fs.S3FileSystem(**options)
+
+
+# --------------------------------------------------------------------------
+# Registration
+# --------------------------------------------------------------------------
+
+
+def _route_s3_urls(factory):
+    """Wrap joblib's backend factory so 's3://' locations need no backend=."""
+
+    @functools.wraps(factory)
+    def store_backend_factory(backend, location, *args, **kwargs):
+        if (
+            backend == "local"
+            and isinstance(location, str)
+            and location[:5].lower() == "s3://"
+        ):
+            backend = "s3"
+        return factory(backend, location, *args, **kwargs)
+
+    store_backend_factory.routes_s3_urls = True
+    return store_backend_factory
+
+
+def register_s3_store_backend():
+    """Register the S3 store with joblib; calling it again does nothing.
+
+    Afterwards ``Memory("s3://bucket/prefix")`` and
+    ``Memory(..., backend="s3")`` cache in S3. Local paths are untouched.
+    """
+    joblib.register_store_backend("s3", S3StoreBackend)
+    factory = joblib.memory._store_backend_factory
+    if not getattr(factory, "routes_s3_urls", False):
+        # joblib picks a backend by name only; this one routes s3:// URLs.
+        joblib.memory._store_backend_factory = _route_s3_urls(factory)
+
+
+# --------------------------------------------------------------------------
+# Command line: python -m joblib_store demo
+# --------------------------------------------------------------------------
+
+
+def _start_local_server():
+    """Start moto's S3 server on 127.0.0.1; return it and its URL."""
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:
+        raise SystemExit(
+            "the demo's local S3 server needs moto: pip install 'joblib-store[demo]', "
+            "or give --endpoint-url or an s3:// location of your own"
+        ) from None
+    import logging
+
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)  # no request log
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    return server, f"http://{host}:{port}"
+
+
+def _demo(location, endpoint_url):
+    import numpy as np
+
+    from joblib import Memory
+
+    server = None
+    if location is None and endpoint_url is None:
+        server, endpoint_url = _start_local_server()
+        # moto accepts any credentials; these never leave this machine.
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            os.environ.setdefault(name, "demo")
+        os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+        print(f"Started a local S3 server (moto) at {endpoint_url}")
+    location = location or "s3://joblib-store-demo/joblib_cache"
+    options = {} if endpoint_url is None else {"endpoint_url": endpoint_url}
+    try:
+        register_s3_store_backend()
+        memory = Memory(
+            location, verbose=0, compress=True,
+            backend_options={**options, "create_bucket": server is not None},
+        )
+        store = memory.store_backend
+        print(f"Cache: {store.location} (endpoint {store.endpoint})")
+        multiply = memory.cache(np.multiply)
+        values = np.arange(10000)
+        for run in (1, 2):
+            hit = multiply.check_call_in_cache(values, values)
+            started = time.perf_counter()
+            result = multiply(values, values)
+            elapsed = time.perf_counter() - started
+            assert result[-1] == 9999 * 9999
+            print(f"Run {run}: {'loaded from' if hit else 'computed and stored in'} "
+                  f"the cache in {elapsed * 1000:.1f} ms")
+        print("Keys in the bucket:")
+        for obj in store._list(store.prefix + "/"):
+            print(f"  s3://{store.bucket}/{obj['Key']}  ({obj['Size']} bytes)")
+    finally:
+        if server is not None:
+            server.stop()
+            print("Stopped the local S3 server")
+
+
+def _main(argv=None):
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="python -m joblib_store",
+        description="joblib's Memory cache in Amazon S3 and S3-compatible stores.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser(
+        "demo",
+        help="cache a computation in S3 twice: a miss, then a hit",
+        description="Run the README example twice. Without a location or "
+        "--endpoint-url it starts moto's S3 server on 127.0.0.1 and needs no "
+        "AWS account.",
+    )
+    demo.add_argument("location", nargs="?", help="s3://bucket/prefix to use")
+    demo.add_argument("--endpoint-url", help="an S3-compatible endpoint")
+    arguments = parser.parse_args(argv)
+    if arguments.command == "demo":
+        _demo(arguments.location, arguments.endpoint_url)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())

@@ -1,0 +1,857 @@
+"""Tests of joblib_store against moto's S3 server, over HTTP on 127.0.0.1.
+
+The server runs in a thread of the test process, behind a small WSGI layer
+that counts every request it receives (from this process and from the
+subprocesses the tests start) and can answer chosen requests with an error.
+Each test gets a fresh bucket.
+"""
+
+import asyncio
+import datetime
+import inspect
+import io
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+import types
+import uuid
+import warnings
+from collections import Counter
+from contextlib import contextmanager
+
+import joblib
+import numpy as np
+import pytest
+from joblib import Memory
+from joblib.memory import MemorizedFunc, MemorizedResult
+
+import joblib_store
+from joblib_store import S3StoreBackend, register_s3_store_backend
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+JOBLIB_VERSION = tuple(int(part) for part in joblib.__version__.split(".")[:2])
+needs_joblib_13 = pytest.mark.skipif(
+    JOBLIB_VERSION < (1, 3),
+    reason=f"joblib {joblib.__version__} has no items_limit, age_limit or "
+    f"cache_validation_callback (new in 1.3)",
+)
+needs_joblib_14 = pytest.mark.skipif(
+    JOBLIB_VERSION < (1, 4),
+    reason=f"joblib {joblib.__version__} cannot cache coroutine functions "
+    f"(new in 1.4)",
+)
+MiB = 2**20
+
+register_s3_store_backend()
+
+
+# ---------------------------------------------------------------- the server
+
+
+def s3_operation(environ):
+    """Name the S3 operation of a request, as in the S3 API reference."""
+    method = environ["REQUEST_METHOD"]
+    path = environ.get("PATH_INFO", "").strip("/")
+    query = environ.get("QUERY_STRING", "")
+    on_object = "/" in path
+    if method == "HEAD":
+        return "HeadObject" if on_object else "HeadBucket"
+    if method == "GET":
+        if "list-type=2" in query:
+            return "ListObjectsV2"
+        if "uploads" in query:
+            return "ListMultipartUploads"
+        return "GetObject" if on_object else "ListObjects"
+    if method == "PUT":
+        if "partNumber" in query:
+            return "UploadPart"
+        if environ.get("HTTP_X_AMZ_COPY_SOURCE"):
+            return "CopyObject"
+        return "PutObject" if on_object else "CreateBucket"
+    if method == "POST":
+        if "delete" in query:
+            return "DeleteObjects"
+        if "uploads" in query:
+            return "CreateMultipartUpload"
+        if "uploadId" in query:
+            return "CompleteMultipartUpload"
+    if method == "DELETE":
+        if "uploadId" in query:
+            return "AbortMultipartUpload"
+        return "DeleteObject" if on_object else "DeleteBucket"
+    return f"{method} {query}"
+
+
+class S3Server:
+    """moto's S3 server, counting requests and injecting chosen errors."""
+
+    def __init__(self):
+        from moto.moto_server.werkzeug_app import (
+            DomainDispatcherApplication,
+            create_backend_app,
+        )
+
+        self._moto = DomainDispatcherApplication(create_backend_app)
+        self._lock = threading.Lock()
+        self.requests = []
+        self.faults = []
+        self.port = 0
+        self._server = None
+
+    def __call__(self, environ, start_response):
+        operation = s3_operation(environ)
+        path = environ.get("PATH_INFO", "")
+        with self._lock:
+            self.requests.append((operation, path))
+        for fault in list(self.faults):
+            answer = fault(operation, path)
+            if answer is not None:
+                status, code = answer
+                body = (
+                    b""
+                    if environ["REQUEST_METHOD"] == "HEAD"
+                    else f"<?xml version='1.0' encoding='UTF-8'?><Error><Code>{code}"
+                    f"</Code><Message>{code} (injected by the test)</Message>"
+                    f"</Error>".encode()
+                )
+                start_response(
+                    f"{status} {code}",
+                    [("Content-Type", "application/xml"),
+                     ("Content-Length", str(len(body)))],
+                )
+                return [body]
+        return self._moto(environ, start_response)
+
+    @property
+    def url(self):
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self):
+        from moto.moto_server.werkzeug_app import MotoRequestHandler
+        from werkzeug.serving import make_server
+
+        self._server = make_server(
+            "127.0.0.1", self.port, self, threaded=True,
+            request_handler=MotoRequestHandler,
+        )
+        self.port = self._server.server_port
+        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+
+    def stop(self):
+        self._server.shutdown()
+        self._server.server_close()
+
+    @contextmanager
+    def counting(self):
+        """Count the requests made inside the block, by operation."""
+        counts = Counter()
+        with self._lock:
+            start = len(self.requests)
+        try:
+            yield counts
+        finally:
+            # Background work (none is expected) would show up here too.
+            with self._lock:
+                counts.update(operation for operation, _ in self.requests[start:])
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    environment = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_SESSION_TOKEN": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        # Never look for credentials or regions outside the test, and never
+        # ask an instance metadata service on the network.
+        "AWS_CONFIG_FILE": os.devnull,
+        "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = S3Server()
+    server.start()
+    # A location alone (as joblib sometimes gives) finds the server too.
+    environment["AWS_ENDPOINT_URL"] = server.url
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in environment.items():
+            patch.setenv(name, value)
+        patch.delenv("AWS_PROFILE", raising=False)
+        yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3_client(s3_server):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=s3_server.url, region_name="us-east-1")
+
+
+@pytest.fixture
+def bucket(s3_server, s3_client):
+    name = f"test-{uuid.uuid4().hex[:20]}"
+    s3_client.create_bucket(Bucket=name)
+    yield name
+    s3_server.faults.clear()
+    keys = [
+        {"Key": obj["Key"]}
+        for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=name)
+        for obj in page.get("Contents", ())
+    ]
+    for start in range(0, len(keys), 1000):
+        s3_client.delete_objects(Bucket=name, Delete={"Objects": keys[start:start + 1000]})
+    for upload in s3_client.list_multipart_uploads(Bucket=name).get("Uploads", ()):
+        s3_client.abort_multipart_upload(
+            Bucket=name, Key=upload["Key"], UploadId=upload["UploadId"]
+        )
+    s3_client.delete_bucket(Bucket=name)
+
+
+@pytest.fixture
+def location(bucket):
+    return f"s3://{bucket}/cache"
+
+
+def keys_in(s3_client, bucket, prefix=""):
+    return sorted(
+        obj["Key"]
+        for page in s3_client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix
+        )
+        for obj in page.get("Contents", ())
+    )
+
+
+def run_python(code, **env):
+    """Run code in a fresh Python process; return its standard output."""
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True, text=True, timeout=120, cwd=HERE,
+        env={**os.environ, "PYTHONPATH": HERE, **env},
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+# ------------------------------------------------------- functions to cache
+
+CALLS = []
+
+
+def square(x):
+    CALLS.append(x)
+    return x * x
+
+
+def identity(value):
+    CALLS.append(1)
+    return value
+
+
+def add(x, y, debug=False):
+    CALLS.append((x, y))
+    return x + y
+
+
+def random_array(size):
+    return np.random.RandomState(size).rand(size)
+
+
+def fresh(func):
+    """A new function object with the same code, unknown to joblib yet."""
+    copy = types.FunctionType(
+        func.__code__, func.__globals__, func.__name__, func.__defaults__
+    )
+    copy.__module__, copy.__qualname__ = func.__module__, func.__qualname__
+    return copy
+
+
+@pytest.fixture(autouse=True)
+def reset_calls():
+    CALLS.clear()
+
+
+# ----------------------------------------------------- locations and options
+
+
+@pytest.mark.parametrize(
+    "spelling", ["s3 url", "s3 url with backend", "bucket option"]
+)
+def test_three_spellings_reach_the_same_cache(bucket, spelling):
+    # joblib writes func_code.py only where it first meets a function
+    # object, so each cache here gets a function object of its own.
+    first = Memory(f"s3://{bucket}/cache", verbose=0).cache(fresh(square))
+    assert first(3) == 9 and CALLS == [3]
+    if spelling == "s3 url":
+        memory = Memory(f"s3://{bucket}/cache", verbose=0)
+    elif spelling == "s3 url with backend":
+        memory = Memory(f"s3://{bucket}/cache", backend="s3", verbose=0)
+    else:
+        memory = Memory("cache", backend="s3", verbose=0,
+                        backend_options={"bucket": bucket})
+    assert memory.store_backend.location == f"s3://{bucket}/cache/joblib"
+    assert memory.cache(fresh(square))(3) == 9
+    assert CALLS == [3]
+
+
+def test_absolute_path_with_bucket_option_stays_in_that_bucket(bucket, s3_client):
+    memory = Memory("/abs/cache", backend="s3", verbose=0,
+                    backend_options={"bucket": bucket})
+    assert memory.store_backend.location == f"s3://{bucket}/abs/cache/joblib"
+    memory.cache(fresh(square))(4)
+    assert any(key.startswith("abs/cache/joblib/") for key in keys_in(s3_client, bucket))
+
+
+def test_local_paths_still_use_joblibs_own_backend(tmp_path):
+    memory = Memory(str(tmp_path), verbose=0)
+    assert type(memory.store_backend).__name__ == "FileSystemStoreBackend"
+
+
+def test_register_is_idempotent():
+    factory = joblib.memory._store_backend_factory
+    register_s3_store_backend()
+    register_s3_store_backend()
+    assert joblib.memory._store_backend_factory is factory
+    assert joblib.memory._STORE_BACKENDS["s3"] is S3StoreBackend
+
+
+def test_configure_from_the_location_alone_reaches_the_same_cache(location):
+    memory = Memory(location, verbose=0,
+                    backend_options={"endpoint_url": os.environ["AWS_ENDPOINT_URL"]})
+    memory.cache(fresh(square))(5)
+    again = S3StoreBackend()
+    again.configure(memory.store_backend.location)
+    assert again.location == memory.store_backend.location
+    assert len(again.get_items()) == 1
+    # And configuring a store with its own location changes nothing.
+    again.configure(again.location)
+    assert again.location == memory.store_backend.location
+    direct = MemorizedFunc(fresh(square), memory.store_backend.location,
+                           backend="s3", verbose=0)
+    assert direct(5) == 25 and CALLS == [5]
+
+
+def test_storage_options_and_direct_keywords_both_reach_s3fs(location, s3_server):
+    for options in (
+        {"storage_options": {"endpoint_url": s3_server.url}},
+        {"endpoint_url": s3_server.url},
+    ):
+        memory = Memory(location, verbose=0, backend_options=options)
+        assert memory.store_backend.fs.endpoint_url == s3_server.url
+
+
+def test_a_ready_filesystem_is_used_as_is(location, s3_server):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(endpoint_url=s3_server.url, skip_instance_cache=True)
+    memory = Memory(location, verbose=0, backend_options={"fs": fs})
+    assert memory.store_backend.fs is fs
+    assert memory.cache(fresh(square))(6) == 36
+
+
+def test_joblib_options_never_reach_s3fs(location):
+    memory = Memory(location, verbose=0, compress=3)
+    fs = memory.store_backend.fs
+    assert "compress" not in fs.storage_options
+    assert "mmap_mode" not in fs.storage_options
+
+
+def test_create_bucket_option_creates_a_missing_bucket(s3_server, s3_client):
+    name = f"created-{uuid.uuid4().hex[:12]}"
+    Memory(f"s3://{name}/cache", verbose=0, backend_options={"create_bucket": True})
+    assert name in [b["Name"] for b in s3_client.list_buckets()["Buckets"]]
+    s3_client.delete_bucket(Bucket=name)
+
+
+# ------------------------------------------------------------- bad input
+
+
+def unreachable_url():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+
+@pytest.mark.parametrize(
+    "case, location_of, options, error, words",
+    [
+        ("empty url", lambda b: "s3://", {}, ValueError, ["'s3://"]),
+        ("no bucket", lambda b: "s3:///prefix", {}, ValueError, ["no bucket"]),
+        ("invalid name", lambda b: "s3://Bad_Bucket/cache", {}, ValueError,
+         ["'Bad_Bucket'", "not valid"]),
+        ("missing bucket", lambda b: f"s3://{b}-missing/cache", {},
+         FileNotFoundError, ["-missing'", "does not exist", "create_bucket"]),
+        ("unknown option", lambda b: f"s3://{b}/cache", {"colour": "red"},
+         TypeError, ["colour", "endpoint_url", "bucket"]),
+        ("compress not a level", lambda b: f"s3://{b}/cache", {"compress": "yes"},
+         ValueError, ["compress='yes'", "zlib"]),
+        ("compress wrong type", lambda b: f"s3://{b}/cache", {"compress": 1.5},
+         TypeError, ["compress=1.5"]),
+        ("location elsewhere", lambda b: "s3://other-bucket/cache",
+         {"bucket": "this-bucket"}, ValueError, ["'other-bucket'", "'this-bucket'"]),
+        ("storage options not a dict", lambda b: f"s3://{b}/cache",
+         {"storage_options": "x"}, TypeError, ["storage_options"]),
+    ],
+)
+def test_bad_input_gets_a_clear_error(bucket, case, location_of, options, error, words):
+    location = location_of(bucket)
+    compress = options.pop("compress", False) if "compress" in options else False
+    with pytest.raises(error) as raised:
+        Memory(location, backend="s3", verbose=0, compress=compress,
+               backend_options=options)
+    for word in words:
+        assert word in str(raised.value), (word, str(raised.value))
+
+
+def test_access_denied_names_bucket_and_endpoint(bucket, s3_server):
+    s3_server.faults.append(
+        lambda operation, path: (403, "AccessDenied") if path.startswith(f"/{bucket}") else None
+    )
+    with pytest.raises(PermissionError) as raised:
+        Memory(f"s3://{bucket}/denied-{uuid.uuid4().hex}", verbose=0,
+               backend_options={"skip_instance_cache": True})
+    message = str(raised.value)
+    assert f"'{bucket}'" in message and s3_server.url in message
+    assert "denied" in message
+
+
+def test_no_credentials_names_bucket_and_says_what_to_set(bucket, monkeypatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    with pytest.raises(PermissionError) as raised:
+        Memory(f"s3://{bucket}/cache", verbose=0,
+               backend_options={"skip_instance_cache": True})
+    assert f"'{bucket}'" in str(raised.value)
+    assert "AWS_ACCESS_KEY_ID" in str(raised.value)
+
+
+def test_unreachable_endpoint_fails_fast_and_names_it(bucket):
+    url = unreachable_url()
+    started = time.monotonic()
+    with pytest.raises(ConnectionError) as raised:
+        Memory(f"s3://{bucket}/cache", verbose=0, backend_options={"endpoint_url": url})
+    assert time.monotonic() - started < 10
+    assert url in str(raised.value) and f"'{bucket}'" in str(raised.value)
+
+
+def test_mmap_mode_warns_once_and_still_loads(location):
+    with pytest.warns(UserWarning, match="cannot be memory-mapped") as caught:
+        memory = Memory(location, verbose=0, mmap_mode="r")
+    assert sum("memory-mapped" in str(w.message) for w in caught) == 1
+    cached = memory.cache(fresh(random_array))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(cached(1000), random_array(1000))
+        np.testing.assert_array_equal(cached(1000), random_array(1000))
+
+
+# ------------------------------------------------- the store, method by method
+
+
+@pytest.fixture
+def store(location):
+    backend = S3StoreBackend()
+    backend.configure(location + "/joblib", verbose=0, backend_options={})
+    return backend
+
+
+def test_open_item_writes_and_reads_back(store):
+    with store._open_item(store.location + "/f/file.bin", "wb") as f:
+        f.write(b"hello")
+    with store._open_item(store.location + "/f/file.bin", "rb") as f:
+        assert f.read() == b"hello"
+    with pytest.raises(ValueError):
+        store._open_item(store.location + "/f/file.bin", "ab")
+
+
+def test_item_exists_for_objects_and_folders(store):
+    store.store_cached_func_code(["f"], "code")
+    assert store._item_exists(store.location + "/f/func_code.py")
+    assert store._item_exists(store.location + "/f")
+    assert not store._item_exists(store.location + "/g")
+    assert not store._item_exists(store.location + "/f/metadata.json")
+
+
+def test_move_item_renames(store):
+    store.store_cached_func_code(["f"], "code")
+    store._move_item(store.location + "/f/func_code.py", store.location + "/g/func_code.py")
+    assert store.get_cached_func_code(["g"]) == "code"
+    with pytest.raises(FileNotFoundError):
+        store.get_cached_func_code(["f"])
+
+
+def test_create_location_makes_no_request(store, s3_server):
+    with s3_server.counting() as counts:
+        store.create_location(store.location + "/f/x")
+    assert sum(counts.values()) == 0
+
+
+def test_clear_location_spares_sibling_prefixes(store, s3_client, bucket):
+    store.dump_item(["f", "a" * 32], 1)
+    s3_client.put_object(Bucket=bucket, Key="cache/joblib-other/keep", Body=b"x")
+    store.clear_location(store.location)
+    assert keys_in(s3_client, bucket) == ["cache/joblib-other/keep"]
+
+
+def test_dump_load_contains_and_clear_item(store):
+    call_id = ["f", "b" * 32]
+    assert not store.contains_item(call_id)
+    store.dump_item(call_id, {"answer": 42})
+    assert store.contains_item(call_id)
+    assert store.load_item(call_id) == {"answer": 42}
+    assert store.get_item_info(call_id)["location"] == f"{store.location}/f/{'b' * 32}"
+    store.clear_item(call_id)
+    assert not store.contains_item(call_id)
+    with pytest.raises(KeyError):
+        store.load_item(call_id)
+
+
+def test_metadata_round_trip_and_missing_metadata_is_empty(store):
+    call_id = ["f", "c" * 32]
+    assert store.get_metadata(call_id) == {}
+    store.store_metadata(call_id, {"duration": 1.5, "input_args": {"x": "1"}})
+    metadata = store.get_metadata(call_id)
+    assert metadata == {"duration": 1.5, "input_args": {"x": "1"}}
+    assert metadata["duration"] == 1.5 and dict(metadata)["duration"] == 1.5
+    assert pickle.loads(pickle.dumps(metadata)) == dict(metadata)
+
+
+def test_func_code_and_paths(store):
+    with pytest.raises(FileNotFoundError):
+        store.get_cached_func_code(["mod/f"])
+    store.store_cached_func_code(["mod/f"])  # no code: nothing to store
+    assert not store.contains_path(["mod/f"])
+    store.store_cached_func_code(["mod/f"], "def f(): pass")
+    assert store.get_cached_func_code(["mod/f"]) == "def f(): pass"
+    assert store.contains_path(["mod/f"])
+    assert store.get_cached_func_info(["mod/f"])["location"] == store.location + "/mod/f"
+    store.dump_item(["mod/f", "d" * 32], 1)
+    store.clear_path(["mod/f"])
+    assert not store.contains_path(["mod/f"])
+    assert not store.contains_item(["mod/f", "d" * 32])
+
+
+def test_get_items_reports_every_item_with_size_and_time(store):
+    before = datetime.datetime.now() - datetime.timedelta(seconds=2)
+    store.store_cached_func_code(["mod/f"], "code")
+    for args_id in ("1" * 32, "2" * 32):
+        store.dump_item(["mod/f", args_id], b"x" * 1000)
+        store.store_metadata(["mod/f", args_id], {"duration": 1})
+    items = sorted(store.get_items())
+    assert [item.path for item in items] == [
+        f"{store.location}/mod/f/{'1' * 32}", f"{store.location}/mod/f/{'2' * 32}"
+    ]
+    for item in items:
+        assert item.size > 1000
+        assert before <= item.last_access <= datetime.datetime.now() + datetime.timedelta(seconds=2)
+
+
+def test_clear_empties_the_store(store):
+    store.dump_item(["f", "e" * 32], 1)
+    store.store_cached_func_code(["f"], "code")
+    store.clear()
+    assert store.get_items() == []
+    assert not store.contains_path(["f"])
+
+
+def test_store_pickles_into_another_process(location):
+    memory = Memory(location, verbose=0)
+    cached = memory.cache(fresh(square))
+    cached(7)
+    out = run_python(
+        f"""
+        import pickle, sys
+        memory = pickle.loads({pickle.dumps(memory)!r})
+        cached = memory.cache(__import__("test_joblib_store").square)
+        print(cached.check_call_in_cache(7), cached(7))
+        """
+    )
+    assert out.split() == ["True", "49"]
+
+
+# ------------------------------------------------------- Memory on top of S3
+
+PAYLOADS = {
+    "int": 42,
+    "str": "joblib ☃ store",
+    "bytes": bytes(range(256)) * 10,
+    "dict": {"a": [1, 2.5, None], "b": {"nested": True}},
+    "list": [1, "two", 3.0, (4,)],
+    "array C": np.arange(12.0).reshape(3, 4),
+    "array F": np.asfortranarray(np.arange(12.0).reshape(3, 4)),
+    "array object": np.array([1, "a", None, {"k": 2}], dtype=object),
+}
+
+
+@pytest.mark.parametrize("compress", [False, 3], ids=["raw", "zlib3"])
+@pytest.mark.parametrize("payload", PAYLOADS, ids=list(PAYLOADS))
+def test_miss_then_hit_returns_equal_values(location, compress, payload):
+    memory = Memory(location, verbose=0, compress=compress)
+    cached = memory.cache(fresh(identity))
+    value = PAYLOADS[payload]
+    first = cached(value)
+    second = cached(value)
+    assert CALLS == [1]
+    for result in (first, second):
+        if isinstance(value, np.ndarray):
+            assert result.dtype == value.dtype
+            assert result.flags.f_contiguous == value.flags.f_contiguous
+            assert list(result.ravel()) == list(value.ravel())
+        else:
+            assert result == value
+
+
+@pytest.mark.parametrize("compress", [False, ("zlib", 3), True], ids=["raw", "zlib3", "true"])
+def test_a_64_mib_array_round_trips(location, compress):
+    memory = Memory(location, verbose=0, compress=compress)
+    cached = memory.cache(fresh(random_array))
+    size = 64 * MiB // 8
+    first = cached(size)
+    second = cached(size)
+    assert second.shape == (size,)
+    np.testing.assert_array_equal(first, second)
+    np.testing.assert_array_equal(second, random_array(size))
+
+
+def test_changed_function_code_invalidates(location):
+    memory = Memory(location, verbose=0)
+    namespace = {}
+    code = "def shifted(x):\n    CALLS.append(x)\n    return x + {}\n"
+    exec(code.format(1), {"CALLS": CALLS}, namespace)
+    assert memory.cache(namespace["shifted"])(1) == 2
+    exec(code.format(10), {"CALLS": CALLS}, namespace)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # joblib warns it cannot tell collisions
+        assert memory.cache(namespace["shifted"])(1) == 11
+    assert CALLS == [1, 1]
+
+
+def test_ignore_leaves_arguments_out_of_the_key(location):
+    cached = Memory(location, verbose=0).cache(fresh(add), ignore=["debug"])
+    assert cached(1, 2, debug=False) == 3
+    assert cached(1, 2, debug=True) == 3
+    assert CALLS == [(1, 2)]
+
+
+def test_call_and_shelve_gives_a_result_that_loads_clears_and_travels(location):
+    cached = Memory(location, verbose=0).cache(fresh(square))
+    result = cached.call_and_shelve(8)
+    assert isinstance(result, MemorizedResult)
+    assert result.get() == 64
+    again = cached.call_and_shelve(8)
+    assert again.get() == 64 and CALLS == [8]
+    out = run_python(
+        f"""
+        import pickle
+        print(pickle.loads({pickle.dumps(again)!r}).get())
+        """
+    )
+    assert out.strip() == "64"
+    result.clear()
+    with pytest.raises(KeyError):
+        result.get()
+
+
+def test_check_call_in_cache(location):
+    cached = Memory(location, verbose=0).cache(fresh(square))
+    assert not cached.check_call_in_cache(9)
+    cached(9)
+    assert cached.check_call_in_cache(9)
+
+
+@needs_joblib_13
+def test_cache_validation_callback_with_expires_after(location):
+    from joblib.memory import expires_after
+
+    memory = Memory(location, verbose=0)
+    cached = memory.cache(fresh(square), cache_validation_callback=expires_after(seconds=0.5))
+    cached(2)
+    cached(2)
+    assert CALLS == [2]
+    time.sleep(0.7)
+    cached(2)
+    assert CALLS == [2, 2]
+
+
+def test_memory_clear_and_func_clear(location, s3_client, bucket):
+    memory = Memory(location, verbose=0)
+    cached_square, cached_add = memory.cache(fresh(square)), memory.cache(fresh(add))
+    cached_square(1), cached_add(1, 2)
+    cached_square.clear(warn=False)
+    cached_square(1), cached_add(1, 2)
+    assert CALLS == [1, (1, 2), 1]
+    memory.clear(warn=False)
+    assert keys_in(s3_client, bucket) == []
+    cached_square(1)
+    assert CALLS == [1, (1, 2), 1, 1]
+
+
+def store_spaced_items(memory, count):
+    """Cache square(0..count-1), a second apart: S3 times have 1 s steps."""
+    cached = memory.cache(fresh(square))
+    for x in range(count):
+        if x:
+            time.sleep(1.05)
+        cached(x)
+    return cached
+
+
+def cached_inputs(memory, cached, count):
+    return [x for x in range(count) if cached.check_call_in_cache(x)]
+
+
+def test_reduce_size_bytes_limit_evicts_the_oldest(location):
+    memory = Memory(location, verbose=0)
+    cached = store_spaced_items(memory, 3)
+    sizes = sorted(item.size for item in memory.store_backend.get_items())
+    limit = sizes[0] + sizes[1] + 1
+    if JOBLIB_VERSION < (1, 3):
+        memory.store_backend.reduce_store_size(limit)
+    else:
+        memory.reduce_size(bytes_limit=limit)
+    assert cached_inputs(memory, cached, 3) == [1, 2]
+
+
+@needs_joblib_13
+def test_reduce_size_items_limit_evicts_the_oldest(location):
+    memory = Memory(location, verbose=0)
+    cached = store_spaced_items(memory, 3)
+    memory.reduce_size(items_limit=2)
+    assert cached_inputs(memory, cached, 3) == [1, 2]
+
+
+@needs_joblib_13
+def test_reduce_size_age_limit_evicts_the_old(location):
+    memory = Memory(location, verbose=0)
+    cached = store_spaced_items(memory, 1)
+    time.sleep(2.5)
+    cached(5)
+    memory.reduce_size(age_limit=datetime.timedelta(seconds=2))
+    assert cached_inputs(memory, cached, 6) == [5]
+
+
+def test_verbose_output_names_the_s3_location(location, capsys):
+    cached = Memory(location, verbose=100).cache(fresh(square))
+    cached(3)
+    cached(3)
+    out = capsys.readouterr().out
+    assert "[Memory] Calling" in out and "square(3)" in out
+    assert "Loading square" in out
+    assert f"from {location}/joblib/" in out
+
+
+@needs_joblib_14
+def test_async_functions_are_cached(location):
+    async def coroutine_square(x):
+        CALLS.append(x)
+        return x * x
+
+    cached = Memory(location, verbose=0).cache(coroutine_square)
+    assert asyncio.run(cached(4)) == 16
+    assert asyncio.run(cached(4)) == 16
+    assert CALLS == [4]
+
+
+def test_a_second_process_hits_what_the_first_stored(location):
+    program = f"""
+        from joblib import Memory
+        import joblib_store, test_joblib_store as t
+        joblib_store.register_s3_store_backend()
+        cached = Memory({location!r}, verbose=0).cache(t.square)
+        print(cached(11), len(t.CALLS))
+        """
+    assert run_python(program).split() == ["121", "1"]
+    assert run_python(program).split() == ["121", "0"]
+
+
+def make_lock(name):
+    CALLS.append(name)
+    return threading.Lock()
+
+
+def test_unpicklable_result_warns_and_is_returned(location, s3_client, bucket):
+    cached = Memory(location, verbose=0).cache(fresh(make_lock))
+    with pytest.warns(Warning, match="pickle"):
+        assert isinstance(cached("a"), type(threading.Lock()))
+    assert not cached.check_call_in_cache("a")
+    assert not any(key.endswith("output.pkl") for key in keys_in(s3_client, bucket))
+
+
+# ------------------------------------------------ requests each operation costs
+
+
+@pytest.mark.parametrize("compress", [False, 3], ids=["raw", "zlib3"])
+def test_request_budget_of_misses_and_hits(bucket, s3_server, compress):
+    with s3_server.counting() as building:
+        memory = Memory(f"s3://{bucket}/cache", verbose=0, compress=compress)
+        cached = memory.cache(fresh(square))
+    with s3_server.counting() as first_miss:
+        cached(1)
+    with s3_server.counting() as miss:
+        cached(2)
+    with s3_server.counting() as hit:
+        assert cached(2) == 4
+    assert sum(building.values()) <= 1, building
+    assert sum(first_miss.values()) <= 4, first_miss
+    assert sum(miss.values()) <= 3, miss
+    assert sum(hit.values()) <= 2, hit
+    # Nothing is written twice: no temporary keys, no copies, no renames.
+    assert first_miss["CopyObject"] == miss["CopyObject"] == 0
+    assert first_miss["PutObject"] == 3 and miss["PutObject"] == 2
+
+
+def test_request_budget_of_a_hit_in_a_fresh_process(location, s3_server):
+    Memory(location, verbose=0).cache(fresh(square))(3)
+    program = f"""
+        from joblib import Memory
+        import joblib_store, test_joblib_store as t
+        joblib_store.register_s3_store_backend()
+        cached = Memory({location!r}, verbose=0).cache(t.square)
+        for _ in range(3):
+            print(cached(3))
+        """
+    with s3_server.counting() as fresh_process:
+        assert run_python(program).split() == ["9"] * 3
+    # One bucket check, then at most 3 requests for each of the 3 hits.
+    assert fresh_process["HeadBucket"] == 1
+    assert sum(fresh_process.values()) <= 1 + 3 * 3, fresh_process
+
+
+def test_request_budget_of_reduce_size_clear_and_listing(location, s3_server):
+    memory = Memory(location, verbose=0)
+    cached = memory.cache(fresh(square))
+    for x in range(200):
+        cached(x)
+    with s3_server.counting() as listing:
+        assert len(memory.store_backend.get_items()) == 200
+    assert sum(listing.values()) == 1, listing  # 401 keys: one page
+    with s3_server.counting() as reducing:
+        if JOBLIB_VERSION < (1, 3):
+            memory.store_backend.enforce_store_limits(None, items_limit=100)
+        else:
+            memory.reduce_size(items_limit=100)
+    assert sum(reducing.values()) <= 2, reducing
+    assert len(memory.store_backend.get_items()) == 100
+    with s3_server.counting() as clearing:
+        memory.clear(warn=False)
+    assert sum(clearing.values()) <= 2, clearing
+    assert memory.store_backend.get_items() == []
+
+
+def test_listing_costs_one_request_per_thousand_keys(store, s3_server, s3_client, bucket):
+    # 600 items of two objects each: 1200 keys, two pages.
+    for index in range(600):
+        args_id = f"{index:032x}"
+        for name in ("output.pkl", "metadata.json"):
+            s3_client.put_object(Bucket=bucket, Key=f"cache/joblib/f/{args_id}/{name}", Body=b"1")
+    with s3_server.counting() as listing:
+        assert len(store.get_items()) == 600
+    assert listing == Counter({"ListObjectsV2": 2})
