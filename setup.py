@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["joblib>=1.2", "s3fs"],
     extras_require={
-        "test": ["pytest", "moto[server]", "numpy", "boto3"],
+        "test": ["pytest", "moto[server]", "numpy"],
         "demo": ["moto[server]", "numpy"],
     },
     classifiers=[
