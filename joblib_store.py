@@ -104,7 +104,8 @@ DEFAULT_MAX_CONCURRENCY = 4
 # Objects up to this size are read in one piece; larger ones are streamed.
 _SMALL_OBJECT = 1 * _MiB
 _READ_CHUNK = 1 * _MiB
-_BUCKET_CHECK_TIMEOUT = 10  # seconds, for the one check made by configure
+_BUCKET_CHECK_TIMEOUT = 8  # seconds, for the one check made by configure
+_OFFLINE_PAUSE = 5.0  # seconds without requests after the endpoint was unreachable
 
 # Options of ours, next to joblib's own (compress, mmap_mode) and the
 # keywords of s3fs.S3FileSystem, which are read from s3fs itself.
@@ -257,16 +258,13 @@ def _is_denied(error):
 
 
 def _is_unreachable(error):
+    """Whether the endpoint could not be reached (after botocore's retries)."""
     botocore_exceptions = sys.modules.get("botocore.exceptions")
-    if botocore_exceptions is None:
-        return False
-    return isinstance(
+    if isinstance(error, (asyncio.TimeoutError, ConnectionError)):
+        return True
+    return botocore_exceptions is not None and isinstance(
         error,
-        (
-            botocore_exceptions.EndpointConnectionError,
-            botocore_exceptions.ConnectTimeoutError,
-            asyncio.TimeoutError,
-        ),
+        (botocore_exceptions.ConnectionError, botocore_exceptions.HTTPClientError),
     )
 
 
@@ -470,7 +468,7 @@ class _MultipartWriter(io.RawIOBase):
         store = self._store
         if self._upload_id is None:
             response = store._call(
-                "create_multipart_upload", Key=self._key, **store._object_headers()
+                "create_multipart_upload", Key=self._key
             )
             self._upload_id = response["UploadId"]
         part_number = len(self._parts) + 1
@@ -510,7 +508,6 @@ class _MultipartWriter(io.RawIOBase):
                     "put_object",
                     Key=self._key,
                     Body=self._take_buffer() if self._chunks else b"",
-                    **self._store._object_headers(),
                 )
             else:
                 if self._chunks:
@@ -570,6 +567,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     verbose = 0
     compress = False
     mmap_mode = None
+    _offline_until = 0.0
 
     # ---------------------------------------------------------------- setup
 
@@ -728,6 +726,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         # store works in a joblib worker without being configured again.
         state = self.__dict__.copy()
         state["_warned"] = set()
+        state["_offline_until"] = 0.0
         return state
 
     # ------------------------------------------------------------- requests
@@ -740,6 +739,30 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         kwargs = self.fs._get_s3_method_kwargs(bound, Bucket=self.bucket, **kwargs)
         return await bound(**kwargs)
 
+    def _run(self, coroutine, timeout=None):
+        """Run a coroutine on s3fs's loop, pausing requests while offline.
+
+        After the endpoint proved unreachable (botocore has already retried),
+        requests fail at once for a few seconds instead of each waiting out
+        its own retries, so that an outage slows a computation only once.
+        """
+        if time.monotonic() < self._offline_until:
+            coroutine.close()
+            raise ConnectionError(f"the S3 endpoint {self.endpoint} was unreachable moments ago")
+        if timeout is not None:
+            coroutine = asyncio.wait_for(coroutine, timeout)
+        try:
+            result = asyncio.run_coroutine_threadsafe(coroutine, self.fs.loop).result()
+        except Exception as error:
+            if _is_unreachable(error):
+                self._offline_until = time.monotonic() + _OFFLINE_PAUSE
+            raise
+        if self._offline_until:
+            # Back online: warn again about the next outage.
+            self._offline_until = 0.0
+            self._warned.clear()
+        return result
+
     def _submit(self, method, **kwargs):
         """Start one S3 request on s3fs's loop; return a concurrent future."""
         return asyncio.run_coroutine_threadsafe(
@@ -748,10 +771,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def _call(self, method, timeout=None, **kwargs):
         """Make one S3 request and wait for its response."""
-        coroutine = self._request(method, **kwargs)
-        if timeout is not None:
-            coroutine = asyncio.wait_for(coroutine, timeout)
-        return asyncio.run_coroutine_threadsafe(coroutine, self.fs.loop).result()
+        return self._run(self._request(method, **kwargs), timeout=timeout)
 
     async def _get_body(self, key):
         response = await self._request("get_object", Key=key)
@@ -770,9 +790,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         key raises FileNotFoundError.
         """
         try:
-            body = asyncio.run_coroutine_threadsafe(
-                self._get_body(key), self.fs.loop
-            ).result()
+            body = self._run(self._get_body(key))
         except Exception as error:
             if _is_missing(error):
                 raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
@@ -783,10 +801,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         return io.BufferedReader(reader, buffer_size=_READ_CHUNK)
 
     def _put(self, key, data):
-        self._call("put_object", Key=key, Body=data, **self._object_headers())
-
-    def _object_headers(self):
-        return {}
+        self._call("put_object", Key=key, Body=data)
 
     def _head(self, key):
         """HEAD one key: its response, or None when it does not exist."""
@@ -828,7 +843,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def _warn_cache_failure(self, operation, error):
         """Warn once per kind of failure; the computation goes on."""
-        kind = (operation, type(error).__name__)
+        kind = (operation, "unreachable" if _is_unreachable(error) else type(error).__name__)
         if kind in self._warned:
             return
         self._warned.add(kind)
@@ -887,7 +902,6 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             "copy_object",
             Key=dst_key,
             CopySource={"Bucket": self.bucket, "Key": src_key},
-            **self._object_headers(),
         )
         self._delete([src_key])
 
@@ -1118,7 +1132,7 @@ def _make_filesystem(storage_options):
     # botocore's "standard" mode retries throttling, 5xx and dropped
     # connections with jittered backoff, and unlike its legacy mode it does
     # not spend minutes on an endpoint that refuses connections.
-    config_kwargs.setdefault("retries", {"max_attempts": 4, "mode": "standard"})
+    config_kwargs.setdefault("retries", {"total_max_attempts": 4, "mode": "standard"})
     options["config_kwargs"] = config_kwargs
     return s3fs.S3FileSystem(**options)
 

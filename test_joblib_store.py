@@ -8,11 +8,11 @@ Each test gets a fresh bucket.
 
 import asyncio
 import datetime
-import inspect
-import io
 import logging
 import os
 import pickle
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -37,8 +37,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 JOBLIB_VERSION = tuple(int(part) for part in joblib.__version__.split(".")[:2])
 needs_joblib_13 = pytest.mark.skipif(
     JOBLIB_VERSION < (1, 3),
-    reason=f"joblib {joblib.__version__} has no items_limit, age_limit or "
-    f"cache_validation_callback (new in 1.3)",
+    reason=f"joblib {joblib.__version__} has no cache_validation_callback "
+    f"(new in 1.3)",
 )
 needs_joblib_14 = pytest.mark.skipif(
     JOBLIB_VERSION < (1, 4),
@@ -46,6 +46,7 @@ needs_joblib_14 = pytest.mark.skipif(
     f"(new in 1.4)",
 )
 MiB = 2**20
+STALL_SECONDS = 2  # a stalled response outlasts the 1 s read timeout of the tests
 
 register_s3_store_backend()
 
@@ -106,10 +107,18 @@ class S3Server:
     def __call__(self, environ, start_response):
         operation = s3_operation(environ)
         path = environ.get("PATH_INFO", "")
+        query = environ.get("QUERY_STRING", "")
         with self._lock:
             self.requests.append((operation, path))
         for fault in list(self.faults):
-            answer = fault(operation, path)
+            answer = fault(operation, path, query)
+            if answer == "reset":
+                # Drop the connection without a response.
+                environ["werkzeug.socket"].shutdown(socket.SHUT_RDWR)
+                return []
+            if answer == "stall":
+                time.sleep(STALL_SECONDS)
+                break
             if answer is not None:
                 status, code = answer
                 body = (
@@ -373,8 +382,6 @@ def test_create_bucket_option_creates_a_missing_bucket(s3_server, s3_client):
 
 
 def unreachable_url():
-    import socket
-
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{sock.getsockname()[1]}"
@@ -413,7 +420,7 @@ def test_bad_input_gets_a_clear_error(bucket, case, location_of, options, error,
 
 def test_access_denied_names_bucket_and_endpoint(bucket, s3_server):
     s3_server.faults.append(
-        lambda operation, path: (403, "AccessDenied") if path.startswith(f"/{bucket}") else None
+        lambda operation, path, query: (403, "AccessDenied") if path.startswith(f"/{bucket}") else None
     )
     with pytest.raises(PermissionError) as raised:
         Memory(f"s3://{bucket}/denied-{uuid.uuid4().hex}", verbose=0,
@@ -708,33 +715,39 @@ def cached_inputs(memory, cached, count):
     return [x for x in range(count) if cached.check_call_in_cache(x)]
 
 
+def reduce_size(memory, bytes_limit=None, **limits):
+    """Memory.reduce_size, or on joblib < 1.3 (which lacks the item and age
+    limits) the store's own eviction, which has them on every release."""
+    if JOBLIB_VERSION >= (1, 3):
+        memory.reduce_size(bytes_limit=bytes_limit, **limits)
+    elif limits:
+        memory.store_backend.enforce_store_limits(bytes_limit, **limits)
+    else:
+        memory.store_backend.reduce_store_size(bytes_limit)
+
+
 def test_reduce_size_bytes_limit_evicts_the_oldest(location):
     memory = Memory(location, verbose=0)
     cached = store_spaced_items(memory, 3)
-    sizes = sorted(item.size for item in memory.store_backend.get_items())
-    limit = sizes[0] + sizes[1] + 1
-    if JOBLIB_VERSION < (1, 3):
-        memory.store_backend.reduce_store_size(limit)
-    else:
-        memory.reduce_size(bytes_limit=limit)
+    items = sorted(memory.store_backend.get_items(), key=lambda item: item.last_access)
+    limit = sum(item.size for item in items) - items[0].size  # room for the newest two
+    reduce_size(memory, bytes_limit=limit)
     assert cached_inputs(memory, cached, 3) == [1, 2]
 
 
-@needs_joblib_13
 def test_reduce_size_items_limit_evicts_the_oldest(location):
     memory = Memory(location, verbose=0)
     cached = store_spaced_items(memory, 3)
-    memory.reduce_size(items_limit=2)
+    reduce_size(memory, items_limit=2)
     assert cached_inputs(memory, cached, 3) == [1, 2]
 
 
-@needs_joblib_13
 def test_reduce_size_age_limit_evicts_the_old(location):
     memory = Memory(location, verbose=0)
     cached = store_spaced_items(memory, 1)
     time.sleep(2.5)
     cached(5)
-    memory.reduce_size(age_limit=datetime.timedelta(seconds=2))
+    reduce_size(memory, age_limit=datetime.timedelta(seconds=2))
     assert cached_inputs(memory, cached, 6) == [5]
 
 
@@ -834,10 +847,7 @@ def test_request_budget_of_reduce_size_clear_and_listing(location, s3_server):
         assert len(memory.store_backend.get_items()) == 200
     assert sum(listing.values()) == 1, listing  # 401 keys: one page
     with s3_server.counting() as reducing:
-        if JOBLIB_VERSION < (1, 3):
-            memory.store_backend.enforce_store_limits(None, items_limit=100)
-        else:
-            memory.reduce_size(items_limit=100)
+        reduce_size(memory, items_limit=100)
     assert sum(reducing.values()) <= 2, reducing
     assert len(memory.store_backend.get_items()) == 100
     with s3_server.counting() as clearing:
@@ -855,3 +865,305 @@ def test_listing_costs_one_request_per_thousand_keys(store, s3_server, s3_client
     with s3_server.counting() as listing:
         assert len(store.get_items()) == 600
     assert listing == Counter({"ListObjectsV2": 2})
+
+
+# ------------------------------------- a cache failure never fails a call
+
+
+def cache_warnings(caught):
+    return [str(w.message) for w in caught if issubclass(w.category, joblib_store.CacheWarning)]
+
+
+def test_server_down_computes_warns_once_per_kind_and_resumes(location, s3_server, monkeypatch):
+    monkeypatch.setattr(joblib_store, "_OFFLINE_PAUSE", 2.0)
+    cached = Memory(location, verbose=0).cache(fresh(square))
+    cached(1)
+    s3_server.stop()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            assert [cached(x) for x in range(6)] == [x * x for x in range(6)]
+    finally:
+        s3_server.start()
+    assert CALLS == [1, 0, 1, 2, 3, 4, 5]
+    messages = cache_warnings(caught)
+    # One warning per kind of failure (check, store, metadata), not per call.
+    assert 1 <= len(messages) <= 3, messages
+    assert all(s3_server.url in message for message in messages)
+    assert any("check the cache" in message for message in messages)
+    time.sleep(2.1)
+    assert cached(7) == 49 and cached(7) == 49
+    assert CALLS[-1] == 7 and CALLS.count(7) == 1
+
+
+def one_fault(operation, answer, path_part="output.pkl"):
+    """A fault that answers the first matching request only."""
+    fired = []
+
+    def fault(request_operation, path, query):
+        if request_operation == operation and path_part in path and not fired:
+            fired.append(path)
+            return answer
+        return None
+
+    fault.fired = fired
+    return fault
+
+
+@pytest.mark.parametrize(
+    "operation, answer",
+    [
+        ("GetObject", (503, "SlowDown")),
+        ("GetObject", (500, "InternalError")),
+        ("HeadObject", (503, "SlowDown")),
+        ("GetObject", "reset"),
+        ("HeadObject", "stall"),
+    ],
+    ids=["get 503", "get 500", "head 503", "get reset", "head timeout"],
+)
+def test_a_hit_that_meets_a_transient_fault_still_hits(location, s3_server, operation, answer):
+    options = {"config_kwargs": {"read_timeout": 1}}
+    cached = Memory(location, verbose=0, backend_options=options).cache(fresh(random_array))
+    expected = cached(1000)
+    fault = one_fault(operation, answer)
+    s3_server.faults.append(fault)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", joblib_store.CacheWarning)
+        np.testing.assert_array_equal(cached(1000), expected)
+    assert fault.fired, "the fault was never injected"
+
+
+@pytest.mark.parametrize(
+    "operation, answer",
+    [("PutObject", (503, "SlowDown")), ("PutObject", "reset"), ("PutObject", (500, "InternalError"))],
+    ids=["put 503", "put reset", "put 500"],
+)
+def test_a_store_that_meets_a_transient_fault_still_stores(location, s3_server, operation, answer):
+    cached = Memory(location, verbose=0).cache(fresh(square))
+    fault = one_fault(operation, answer)
+    s3_server.faults.append(fault)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", joblib_store.CacheWarning)
+        assert cached(3) == 9
+    assert fault.fired
+    assert cached.check_call_in_cache(3)
+    assert cached(3) == 9 and CALLS == [3]
+
+
+@pytest.mark.parametrize(
+    "name, corrupt",
+    [
+        ("output.pkl", lambda data: data[: len(data) // 2]),
+        ("output.pkl", lambda data: b"this is not a pickle"),
+        ("func_code.py", lambda data: b"\x00garbage\xff"),
+    ],
+    ids=["truncated result", "garbage result", "garbage function code"],
+)
+def test_a_corrupt_entry_is_recomputed_and_overwritten(
+        location, s3_server, s3_client, bucket, name, corrupt, caplog):
+    memory = Memory(location, verbose=0)
+    cached = memory.cache(fresh(random_array))
+    expected = cached(1000)
+    key = next(k for k in keys_in(s3_client, bucket) if k.endswith("/" + name))
+    good = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3_client.put_object(Bucket=bucket, Key=key, Body=corrupt(good))
+    # A new function object makes joblib read func_code.py again.
+    cached = memory.cache(fresh(random_array))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(cached(1000), expected)
+    assert s3_client.get_object(Bucket=bucket, Key=key)["Body"].read() != corrupt(good)
+    if name == "func_code.py":
+        assert len(cache_warnings(caught)) == 1
+        assert "read function code" in cache_warnings(caught)[0]
+    if name == "output.pkl":
+        loading_errors = [r for r in caplog.records if "Exception while loading" in r.getMessage()]
+        assert len(loading_errors) == 1
+    # The entry is whole again: the next call hits and writes nothing.
+    with s3_server.counting() as hit:
+        np.testing.assert_array_equal(cached(1000), expected)
+    assert hit["PutObject"] == 0 and hit["HeadObject"] == 1, hit
+
+
+def test_garbage_metadata_does_not_spoil_a_hit(location, s3_client, bucket):
+    cached = Memory(location, verbose=0).cache(fresh(square))
+    cached(4)
+    key = next(k for k in keys_in(s3_client, bucket) if k.endswith("/metadata.json"))
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b"{not json")
+    assert cached(4) == 16 and CALLS == [4]
+    assert cached.call_and_shelve(4).get() == 16
+
+
+# ------------------------------------------ nothing half-written is ever read
+
+
+def test_a_writer_killed_mid_upload_leaves_nothing_to_load(location, s3_server, s3_client, bucket):
+    size = 64 * MiB // 8
+    writer = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            from joblib import Memory
+            import joblib_store, test_joblib_store as t
+            joblib_store.register_s3_store_backend()
+            Memory({location!r}, verbose=0).cache(t.random_array)({size})
+            """)],
+        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE},
+    )
+    deadline = time.monotonic() + 60
+    while not any(operation == "UploadPart" and bucket in path
+                  for operation, path in list(s3_server.requests)):
+        assert time.monotonic() < deadline and writer.poll() is None, "no upload started"
+        time.sleep(0.01)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert not any(key.endswith("output.pkl") for key in keys_in(s3_client, bucket))
+    cached = Memory(location, verbose=0).cache(random_array)
+    assert not cached.check_call_in_cache(size)
+    np.testing.assert_array_equal(cached(size), random_array(size))
+    assert cached.check_call_in_cache(size)
+
+
+def test_a_failed_upload_is_aborted_and_the_result_returned(location, s3_server, s3_client, bucket):
+    options = {"part_size": 5 * MiB, "max_concurrency": 2}
+    cached = Memory(location, verbose=0, backend_options=options).cache(fresh(random_array))
+    s3_server.faults.append(
+        lambda operation, path, query: (500, "InternalError")
+        if operation == "UploadPart" and "partNumber=3&" in query + "&" else None
+    )
+    size = 32 * MiB // 8
+    with pytest.warns(joblib_store.CacheWarning, match="store a result"):
+        np.testing.assert_array_equal(cached(size), random_array(size))
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert not cached.check_call_in_cache(size)
+
+
+def test_output_is_visible_only_when_complete(location, s3_server, bucket):
+    # Multipart: the key appears only with CompleteMultipartUpload, after
+    # every part; metadata.json follows the result.
+    cached = Memory(location, verbose=0, backend_options={"part_size": 5 * MiB}).cache(
+        fresh(random_array))
+    cached(16 * MiB // 8)
+    writes = [(operation, path) for operation, path in s3_server.requests
+              if bucket in path and operation in (
+                  "UploadPart", "CompleteMultipartUpload", "PutObject")]
+    names = [operation if operation != "PutObject" else path.rsplit("/", 1)[1]
+             for operation, path in writes]
+    assert names[-2:] == ["CompleteMultipartUpload", "metadata.json"]
+    assert names.count("UploadPart") >= 2
+
+
+# ----------------------------------------------------- many writers, one cache
+
+
+def test_loky_workers_share_one_cache(location, s3_server, bucket):
+    from joblib import Parallel, delayed
+
+    memory = Memory(location, verbose=0)
+    cached = memory.cache(square)
+    inputs = [x % 10 for x in range(40)]
+    first = Parallel(n_jobs=2, backend="loky")(delayed(cached)(x) for x in inputs)
+    with s3_server.counting() as second_pass:
+        second = Parallel(n_jobs=2, backend="loky")(delayed(cached)(x) for x in inputs)
+    assert first == second == [x * x for x in inputs]
+    assert second_pass["PutObject"] == 0, second_pass  # nothing computed again
+    for x in range(10):
+        assert cached.check_call_in_cache(x)
+        assert cached.call_and_shelve(x).get() == x * x
+
+
+def test_a_changed_function_in_another_process_is_not_served_stale(location, tmp_path):
+    module = tmp_path / "changing.py"
+    program = f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        from joblib import Memory
+        import joblib_store, changing
+        joblib_store.register_s3_store_backend()
+        print(Memory({location!r}, verbose=0).cache(changing.f)(1))
+        """
+    module.write_text("def f(x):\n    return x + 1\n")
+    assert run_python(program).strip() == "2"
+    assert run_python(program).strip() == "2"
+    module.write_text("def f(x):\n    return x + 100\n")
+    assert run_python(program, PYTHONDONTWRITEBYTECODE="1").strip() == "101"
+
+
+def test_reduce_size_in_another_process_never_breaks_a_call(location):
+    memory = Memory(location, verbose=0)
+    cached = memory.cache(fresh(square))
+    cached(0)
+    reducer = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import time
+            from joblib import Memory
+            import joblib_store
+            joblib_store.register_s3_store_backend()
+            memory = Memory({location!r}, verbose=0)
+            stop = time.monotonic() + 4
+            while time.monotonic() < stop:
+                memory.store_backend.enforce_store_limits(None, items_limit=2)
+            """)],
+        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE},
+    )
+    calls = 0
+    while reducer.poll() is None:
+        for x in range(5):
+            assert cached(x) == x * x
+            calls += 1
+    assert reducer.returncode == 0
+    assert calls > 20
+
+
+# ----------------------------------------------------- credentials never leak
+
+SENTINEL_SECRET = "SENTINEL-secret-7f3a9c"
+SENTINEL_TOKEN = "SENTINEL-token-51be02"
+
+
+def test_credentials_never_appear_in_reprs_output_warnings_or_errors(
+        location, bucket, s3_server, capsys, caplog):
+    options = {"key": "AKIASENTINEL", "secret": SENTINEL_SECRET, "token": SENTINEL_TOKEN}
+    seen = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        memory = Memory(location, verbose=100, backend_options=options)
+        cached = memory.cache(fresh(square))
+        cached(2), cached(2)
+        shelved = cached.call_and_shelve(3)
+        seen += [repr(x) + str(x) for x in (memory, cached, shelved, memory.store_backend)]
+        cached_lock = memory.cache(fresh(make_lock))
+        cached_lock("x")
+        s3_server.faults.append(lambda operation, path, query: (500, "InternalError"))
+        cached(5)
+        s3_server.faults.clear()
+        for location_of in (f"s3://{bucket}-missing/x", "s3://", f"s3://{bucket}/x"):
+            try:
+                extra = {"colour": 1} if location_of.endswith("/x") and "missing" not in location_of else {}
+                Memory(location_of, verbose=100, backend_options={**options, **extra})
+            except Exception as error:
+                seen.append(repr(error) + str(error))
+    seen += [str(w.message) for w in caught]
+    captured = capsys.readouterr()
+    seen += [captured.out, captured.err, caplog.text]
+    assert len(cache_warnings(caught)) >= 1 and len(seen) >= 8
+    text = "\n".join(seen)
+    assert SENTINEL_SECRET not in text and SENTINEL_TOKEN not in text
+
+
+@pytest.mark.parametrize(
+    "encryption",
+    [{"ServerSideEncryption": "AES256"},
+     {"ServerSideEncryption": "aws:kms", "SSEKMSKeyId": "alias/joblib-store-test"}],
+    ids=["AES256", "aws:kms"],
+)
+def test_server_side_encryption_reaches_every_object(location, s3_client, bucket, encryption):
+    memory = Memory(location, verbose=0, backend_options={
+        "s3_additional_kwargs": encryption, "part_size": 5 * MiB})
+    memory.cache(fresh(square))(2)
+    memory.cache(fresh(random_array))(12 * MiB // 8)  # a multipart upload
+    keys = keys_in(s3_client, bucket)
+    assert len(keys) == 6
+    for key in keys:
+        head = s3_client.head_object(Bucket=bucket, Key=key)
+        assert head["ServerSideEncryption"] == encryption["ServerSideEncryption"], key
+        if "SSEKMSKeyId" in encryption:
+            assert encryption["SSEKMSKeyId"] in head["SSEKMSKeyId"], key
