@@ -30,11 +30,13 @@ import io
 import json
 import os
 import posixpath
+import queue
 import re
 import sys
 import threading
 import time
 import warnings
+import zlib
 from pickle import PicklingError
 
 import joblib
@@ -100,10 +102,13 @@ _DELETE_BATCH = 1000  # keys per DeleteObjects request, S3's maximum
 _LIST_PAGE = 1000  # keys per ListObjectsV2 page, S3's maximum
 
 DEFAULT_PART_SIZE = 8 * _MiB
-DEFAULT_MAX_CONCURRENCY = 4
+DEFAULT_MAX_CONCURRENCY = 3
 # Objects up to this size are read in one piece; larger ones are streamed.
 _SMALL_OBJECT = 1 * _MiB
 _READ_CHUNK = 1 * _MiB
+_ZLIB_STEP = 1 * _MiB  # bytes compressed or inflated per zlib call
+_INFLATE_AHEAD = 8  # inflated steps kept ready for the unpickler
+_ZLIB_PREFIX = b"\x78"  # how joblib recognises a zlib-compressed pickle
 _BUCKET_CHECK_TIMEOUT = 8  # seconds, for the one check made by configure
 _OFFLINE_PAUSE = 5.0  # seconds without requests after the endpoint was unreachable
 
@@ -224,6 +229,22 @@ def _check_compress(compress):
             f"level 0-9, a method name such as 'zlib', or a tuple such as "
             f"('zlib', 3) ({error})"
         ) from None
+
+
+def _zlib_level(compress):
+    """The zlib level joblib would use for compress, or None if not zlib."""
+    if compress is True:
+        return 3  # joblib's default level for zlib
+    if isinstance(compress, tuple):
+        method, level = compress
+        if method == "zlib" and level:
+            return level
+        return 3 if method == "zlib" and level is None else None
+    if compress == "zlib":
+        return 3
+    if isinstance(compress, int) and not isinstance(compress, bool) and compress > 0:
+        return compress
+    return None
 
 
 def _check_positive_int(name, value, minimum):
@@ -411,12 +432,165 @@ class _StreamingReader(io.RawIOBase):
             self._loop.call_soon_threadsafe(self._body.close)
 
 
+class _DeflatingWriter(io.RawIOBase):
+    """Compress into a zlib stream that joblib reads, a step at a time.
+
+    joblib's own zlib file compresses each 16 MiB chunk of an array in one
+    call, holding the chunk and its compressed copy at once; here each call
+    takes 1 MiB, so the compressed bytes flow to the upload as they come.
+    The stream is the one joblib writes for ("zlib", level).
+    """
+
+    def __init__(self, raw, level):
+        super().__init__()
+        self._raw = raw
+        self._compressor = zlib.compressobj(
+            level, zlib.DEFLATED, zlib.MAX_WBITS, zlib.DEF_MEM_LEVEL, 0
+        )
+        self._position = 0
+
+    def writable(self):
+        return True
+
+    def tell(self):
+        # The uncompressed position, as joblib's file reports it: the
+        # pickler aligns arrays on it.
+        return self._position
+
+    def write(self, data):
+        view = memoryview(data).cast("B")
+        for start in range(0, len(view), _ZLIB_STEP):
+            compressed = self._compressor.compress(view[start:start + _ZLIB_STEP])
+            if compressed:
+                self._raw.write(compressed)
+        self._position += len(view)
+        return len(view)
+
+    def finish(self):
+        """Write the end of the zlib stream."""
+        self._raw.write(self._compressor.flush())
+
+
+class _InflatingReader(io.RawIOBase):
+    """Inflate a zlib stream in a thread of its own, ahead of the reader.
+
+    zlib releases the GIL, so downloading (on s3fs's loop), inflating (here)
+    and unpickling (in the caller) overlap; at most ``_INFLATE_AHEAD`` steps
+    wait in between.
+    """
+
+    def __init__(self, raw):
+        super().__init__()
+        self._raw = raw
+        self._ready = queue.Queue(maxsize=_INFLATE_AHEAD)
+        self._pending = memoryview(b"")
+        self._finished = False
+        self._thread = threading.Thread(target=self._inflate, daemon=True)
+        self._thread.start()
+
+    def _hand_over(self, item):
+        while not self.closed:
+            try:
+                self._ready.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _inflate(self):
+        inflater = zlib.decompressobj(zlib.MAX_WBITS)
+        try:
+            while not inflater.eof:
+                compressed = self._raw.read(_ZLIB_STEP)
+                if not compressed:
+                    raise EOFError("the compressed result ends before its end")
+                while compressed:
+                    data = inflater.decompress(compressed, _ZLIB_STEP)
+                    if data and not self._hand_over(data):
+                        return
+                    compressed = inflater.unconsumed_tail
+            self._hand_over(None)
+        except BaseException as error:  # handed to the reading thread
+            self._hand_over(error)
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target):
+            if not self._pending:
+                if self._finished:
+                    break
+                if filled and self._ready.empty():
+                    break  # return what is here rather than wait
+                item = self._ready.get()
+                if item is None:
+                    self._finished = True
+                    break
+                if isinstance(item, BaseException):
+                    self._finished = True
+                    raise OSError(f"reading a compressed result failed: {item}") from item
+                self._pending = memoryview(item)
+            size = min(len(self._pending), len(target) - filled)
+            target[filled:filled + size] = self._pending[:size]
+            self._pending = self._pending[size:]
+            filled += size
+        return filled
+
+    def close(self):
+        if not self.closed:
+            super().close()
+            self._raw.close()
+
+
+class _PartBody(io.RawIOBase):
+    """The bytes of one uploaded part, read in place.
+
+    Given bytes, aiohttp would write a part in one go, and asyncio would keep
+    a second copy of what the socket did not take at once; read from a file
+    object, it is sent in small pieces.
+    """
+
+    def __init__(self, data):
+        super().__init__()
+        self._view = memoryview(data)
+        self._position = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def readinto(self, buffer):
+        start = self._position
+        size = max(0, min(len(buffer), len(self._view) - start))
+        buffer[:size] = self._view[start:start + size]
+        self._position += size
+        return size
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
+        self._position = base[whence] + offset
+        return self._position
+
+    def tell(self):
+        return self._position
+
+    def __len__(self):
+        return len(self._view)
+
+
 class _MultipartWriter(io.RawIOBase):
     """Write one S3 object as it is produced, never holding all of it.
 
     Bytes gather until a part is full; then the part uploads in the
     background while the writer goes on (so compression and transfer
-    overlap), with at most ``max_concurrency`` parts in flight. A result
+    overlap), with at most ``max_concurrency`` parts' worth of bytes in
+    flight (joblib hands over arrays 16 MiB at a time, so a part can be
+    larger than ``part_size``). A result
     smaller than one part costs a single PUT. Nothing is visible in the
     bucket until ``close`` completes the upload; ``abort`` (or an error)
     aborts it, so no parts are left billed.
@@ -433,6 +607,7 @@ class _MultipartWriter(io.RawIOBase):
         self._written = 0
         self._upload_id = None
         self._in_flight = collections.deque()
+        self._in_flight_bytes = 0
         self._parts = []
 
     def writable(self):
@@ -467,9 +642,7 @@ class _MultipartWriter(io.RawIOBase):
     def _send_part(self):
         store = self._store
         if self._upload_id is None:
-            response = store._call(
-                "create_multipart_upload", Key=self._key
-            )
+            response = store._call("create_multipart_upload", Key=self._key)
             self._upload_id = response["UploadId"]
         part_number = len(self._parts) + 1
         if part_number > _MAX_PARTS:
@@ -478,20 +651,25 @@ class _MultipartWriter(io.RawIOBase):
                 f"part_size={self._part_size}: raise part_size"
             )
         data = self._take_buffer()
+        # At most max_concurrency parts' worth of bytes in flight (joblib
+        # writes arrays 16 MiB at a time, so parts may be larger than asked).
+        budget = self._max_concurrency * self._current_part_size()
+        while self._in_flight and self._in_flight_bytes + len(data) > budget:
+            self._finish_oldest_part()
         self._parts.append(None)
         future = store._submit(
             "upload_part",
             Key=self._key,
             UploadId=self._upload_id,
             PartNumber=part_number,
-            Body=data,
+            Body=_PartBody(data),
         )
-        self._in_flight.append((part_number, future))
-        while len(self._in_flight) >= self._max_concurrency:
-            self._finish_oldest_part()
+        self._in_flight.append((part_number, len(data), future))
+        self._in_flight_bytes += len(data)
 
     def _finish_oldest_part(self):
-        part_number, future = self._in_flight.popleft()
+        part_number, size, future = self._in_flight.popleft()
+        self._in_flight_bytes -= size
         response = future.result()
         self._parts[part_number - 1] = {
             "PartNumber": part_number,
@@ -531,9 +709,9 @@ class _MultipartWriter(io.RawIOBase):
             return
         super().close()
         self._chunks = []
-        for _, future in self._in_flight:
+        for _, _, future in self._in_flight:
             future.cancel()
-        for _, future in self._in_flight:
+        for _, _, future in self._in_flight:
             try:
                 future.result()
             except BaseException:
@@ -588,7 +766,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             ``s3_additional_kwargs``, ...); ``fs``, a ready
             ``S3FileSystem``; ``create_bucket`` (default False);
             ``part_size`` (bytes per uploaded part, default 8 MiB) and
-            ``max_concurrency`` (parts in flight, default 4); and joblib's own
+            ``max_concurrency`` (parts' worth of bytes in flight, default 3);
+            and joblib's own
             ``compress`` and ``mmap_mode``.
         """
         options = dict(backend_options or {})
@@ -959,6 +1138,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 f"Non-existing item (may have been cleared).\n"
                 f"File {self._url(key)} does not exist"
             ) from None
+        if isinstance(stream, io.BufferedReader) and stream.peek(1)[:1] == _ZLIB_PREFIX:
+            # A large zlib-compressed result: inflate it in parallel.
+            stream = io.BufferedReader(_InflatingReader(stream), buffer_size=_MiB)
         with stream:
             return numpy_pickle.load(stream)
 
@@ -1005,7 +1187,13 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             print(f"Persisting in {self._url(posixpath.dirname(key))}")
         stream = _MultipartWriter(self, key, self.part_size, self.max_concurrency)
         try:
-            numpy_pickle.dump(item, stream, compress=self.compress)
+            zlib_level = _zlib_level(self.compress)
+            if zlib_level is None:
+                numpy_pickle.dump(item, stream, compress=self.compress)
+            else:
+                deflating = _DeflatingWriter(stream, zlib_level)
+                numpy_pickle.dump(item, deflating, compress=0)
+                deflating.finish()
             stream.close()
         except PicklingError as error:
             stream.abort()
