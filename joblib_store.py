@@ -103,6 +103,9 @@ _LIST_PAGE = 1000  # keys per ListObjectsV2 page, S3's maximum
 
 DEFAULT_PART_SIZE = 8 * _MiB
 DEFAULT_MAX_CONCURRENCY = 3
+DEFAULT_ACCESS_INTERVAL = 3600  # seconds between two access records of a result
+_RECORDABLE = 5 * 2**30  # CopyObject's limit: larger results keep their write time
+_BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
 # Objects up to this size are read in one piece; larger ones are streamed.
 _SMALL_OBJECT = 1 * _MiB
 _READ_CHUNK = 1 * _MiB
@@ -121,6 +124,7 @@ _STORE_OPTIONS = (
     "create_bucket",
     "part_size",
     "max_concurrency",
+    "access_interval",
 )
 _JOBLIB_OPTIONS = ("compress", "mmap_mode")
 _MMAP_MODES = (None, "r", "r+", "w+", "c")
@@ -767,7 +771,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             ``S3FileSystem``; ``create_bucket`` (default False);
             ``part_size`` (bytes per uploaded part, default 8 MiB) and
             ``max_concurrency`` (parts' worth of bytes in flight, default 3);
-            and joblib's own
+            ``access_interval`` (seconds or a timedelta, default one hour:
+            how stale a result's last-access time may get before a hit
+            records it again; see ``_record_access``); and joblib's own
             ``compress`` and ``mmap_mode``.
         """
         options = dict(backend_options or {})
@@ -779,6 +785,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         create_bucket = options.pop("create_bucket", False)
         part_size = options.pop("part_size", DEFAULT_PART_SIZE)
         max_concurrency = options.pop("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        access_interval = options.pop("access_interval", DEFAULT_ACCESS_INTERVAL)
 
         unknown = sorted(set(options) - _s3fs_option_names())
         if unknown:
@@ -808,6 +815,15 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             )
         _check_positive_int("part_size", part_size, _MIN_PART_SIZE)
         _check_positive_int("max_concurrency", max_concurrency, 1)
+        if isinstance(access_interval, datetime.timedelta):
+            access_interval = access_interval.total_seconds()
+        if isinstance(access_interval, bool) or not isinstance(access_interval, (int, float)):
+            raise TypeError(
+                f"access_interval must be seconds or a timedelta, not "
+                f"{type(access_interval).__name__}"
+            )
+        if access_interval < 0:
+            raise ValueError(f"access_interval={access_interval} must not be negative")
         bucket, prefix = _parse_location(location, bucket)
 
         if fs is None:
@@ -827,6 +843,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         self.verbose = verbose
         self.part_size = part_size
         self.max_concurrency = max_concurrency
+        self.access_interval = access_interval
         self._warned = set()
         self._check_bucket(create_bucket)
         _FILESYSTEM_BY_BUCKET[bucket] = fs
@@ -954,30 +971,31 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     async def _get_body(self, key):
         response = await self._request("get_object", Key=key)
-        body = response["Body"]
+        body = response.pop("Body")
         if response.get("ContentLength", 0) <= _SMALL_OBJECT:
             try:
-                return io.BytesIO(await body.read())
+                return io.BytesIO(await body.read()), response
             finally:
                 body.close()
-        return body
+        return body, response
 
-    def _get(self, key):
+    def _get(self, key, with_response=False):
         """Open one object for reading with a single GET.
 
         A small object is read at once; a large one is streamed. A missing
-        key raises FileNotFoundError.
+        key raises FileNotFoundError. With ``with_response``, also return
+        the response's headers (size, ETag, LastModified, Metadata).
         """
         try:
-            body = self._run(self._get_body(key))
+            body, response = self._run(self._get_body(key))
         except Exception as error:
             if _is_missing(error):
                 raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
             raise
-        if isinstance(body, io.BytesIO):
-            return body
-        reader = _StreamingReader(self.fs.loop, body, prefetch=4 * _READ_CHUNK)
-        return io.BufferedReader(reader, buffer_size=_READ_CHUNK)
+        if not isinstance(body, io.BytesIO):
+            reader = _StreamingReader(self.fs.loop, body, prefetch=4 * _READ_CHUNK)
+            body = io.BufferedReader(reader, buffer_size=_READ_CHUNK)
+        return (body, response) if with_response else body
 
     def _put(self, key, data):
         self._call("put_object", Key=key, Body=data)
@@ -1131,8 +1149,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         # No existence check: contains_item has just made it, and a 404 on
         # the GET says the same.
         key = self._key(call_id, OUTPUT)
+        started = time.perf_counter()
         try:
-            stream = self._get(key)
+            stream, response = self._get(key, with_response=True)
         except FileNotFoundError:
             raise KeyError(
                 f"Non-existing item (may have been cleared).\n"
@@ -1142,7 +1161,49 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             # A large zlib-compressed result: inflate it in parallel.
             stream = io.BufferedReader(_InflatingReader(stream), buffer_size=_MiB)
         with stream:
-            return numpy_pickle.load(stream)
+            item = numpy_pickle.load(stream)
+        self._report_transfer("Loaded", response.get("ContentLength", 0), started, key)
+        self._record_access(key, response)
+        return item
+
+    def _report_transfer(self, verb, size, started, key):
+        # At verbose >= 10, big transfers say how long they took.
+        if self.verbose >= 10 and size > _BIG_TRANSFER:
+            elapsed = max(time.perf_counter() - started, 1e-9)
+            print(
+                f"[Memory] {verb} {size / _MiB:.1f} MiB in {format_time(elapsed)} "
+                f"({size / _MiB / elapsed:.1f} MiB/s): {self._url(key)}"
+            )
+
+    def _record_access(self, key, response):
+        """Note in S3 that a result was just used, if its record is stale.
+
+        S3 keeps no access time, so a hit refreshes the result's
+        LastModified by copying the object onto itself, inside S3 (no byte
+        travels), in the background, at most once per ``access_interval``:
+        the GET that loaded the result tells when it last changed. Listing
+        then gives every result's last access for free, and results written
+        by anything else count as accessed when written. The copy is made
+        only if the object is still the one loaded (its ETag).
+        """
+        last_modified = response.get("LastModified")
+        size = response.get("ContentLength", 0)
+        if last_modified is None or size > _RECORDABLE:
+            return
+        if time.time() - last_modified.timestamp() < self.access_interval:
+            return
+        metadata = dict(response.get("Metadata") or {})
+        metadata["joblib-store-accessed"] = str(int(time.time()))
+        future = self._submit(
+            "copy_object",
+            Key=key,
+            CopySource={"Bucket": self.bucket, "Key": key},
+            CopySourceIfMatch=response["ETag"],
+            MetadataDirective="REPLACE",
+            Metadata=metadata,
+            ContentType=response.get("ContentType") or "binary/octet-stream",
+        )
+        _track_background_request(future)
 
     if _LOAD_ITEM_TAKES_MSG:
         # Breakpoint: joblib < 1.4 passes a path list and a ready message.
@@ -1185,6 +1246,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         key = self._key(call_id, OUTPUT)
         if verbose > 10:
             print(f"Persisting in {self._url(posixpath.dirname(key))}")
+        started = time.perf_counter()
         stream = _MultipartWriter(self, key, self.part_size, self.max_concurrency)
         try:
             zlib_level = _zlib_level(self.compress)
@@ -1195,6 +1257,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 numpy_pickle.dump(item, deflating, compress=0)
                 deflating.finish()
             stream.close()
+            self._report_transfer("Stored", stream.tell(), started, key)
         except PicklingError as error:
             stream.abort()
             warnings.warn(
@@ -1282,6 +1345,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         One listing and one DeleteObjects per 1000 keys, whatever the number
         of items.
         """
+        self._evict(bytes_limit, items_limit, age_limit)
+
+    def _evict(self, bytes_limit=None, items_limit=None, age_limit=None, dry_run=False):
+        """Delete (or with dry_run only find) the items beyond the limits."""
         if isinstance(bytes_limit, str):
             bytes_limit = memstr_to_bytes(bytes_limit)
         if age_limit is not None and age_limit.total_seconds() < 0:
@@ -1293,23 +1360,58 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         extra_bytes = 0 if bytes_limit is None else total_size - bytes_limit
         deadline = None if age_limit is None else datetime.datetime.now() - age_limit
 
-        doomed_keys = []
+        doomed = []
         for item, keys in listed:
             too_old = deadline is not None and item.last_access < deadline
             if extra_items <= 0 and extra_bytes <= 0 and not too_old:
                 break
             if self.verbose > 10:
                 print(f"Deleting item {item}")
-            doomed_keys.extend(keys)
+            doomed.append((item, keys))
             extra_items -= 1
             extra_bytes -= item.size
-        self._delete(doomed_keys)
+        if not dry_run:
+            self._delete(key for _, keys in doomed for key in keys)
+        return [item for item, _ in doomed]
 
     if not _HAS_ENFORCE_STORE_LIMITS:
         # Breakpoint: joblib < 1.3 calls reduce_store_size(bytes_limit).
         def reduce_store_size(self, bytes_limit):
             """Delete the least recently used results beyond bytes_limit."""
             self.enforce_store_limits(bytes_limit)
+
+
+_BACKGROUND_REQUESTS = set()
+_BACKGROUND_LOCK = threading.Lock()
+_EXIT_WAIT = 5.0  # seconds the interpreter waits at exit for access records
+
+
+def _track_background_request(future):
+    """Keep a request that nobody waits for, so that exit waits for it."""
+    with _BACKGROUND_LOCK:
+        if not _BACKGROUND_REQUESTS and not getattr(_track_background_request, "registered", False):
+            import atexit
+
+            atexit.register(_wait_for_background_requests)
+            _track_background_request.registered = True
+        _BACKGROUND_REQUESTS.add(future)
+
+    def forget(done):
+        with _BACKGROUND_LOCK:
+            _BACKGROUND_REQUESTS.discard(done)
+        if not done.cancelled():
+            done.exception()  # a lost access record is not worth a warning
+
+    future.add_done_callback(forget)
+
+
+def _wait_for_background_requests(timeout=_EXIT_WAIT):
+    """Wait for pending access records (at exit, or in tests)."""
+    import concurrent.futures
+
+    with _BACKGROUND_LOCK:
+        pending = list(_BACKGROUND_REQUESTS)
+    concurrent.futures.wait(pending, timeout=timeout)
 
 
 def _make_filesystem(storage_options):
@@ -1361,7 +1463,7 @@ def register_s3_store_backend():
 
 
 # --------------------------------------------------------------------------
-# Command line: python -m joblib_store demo
+# Command line: python -m joblib_store ls | prune | clear | demo
 # --------------------------------------------------------------------------
 
 
@@ -1425,26 +1527,189 @@ def _demo(location, endpoint_url):
             print("Stopped the local S3 server")
 
 
+def _parse_age(text):
+    """'30d', '12h', '45m' or '90s' as a timedelta."""
+    units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
+    match = re.fullmatch(r"(\d+(?:\.\d+)?)([dhms])", text.strip())
+    if not match:
+        raise ValueError(f"age {text!r} is not like 30d, 12h, 45m or 90s")
+    return datetime.timedelta(**{units[match.group(2)]: float(match.group(1))})
+
+
+def _parse_bytes(text):
+    """'10G', '500M', '50K' or a plain number of bytes."""
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    try:
+        return memstr_to_bytes(text.upper())
+    except Exception:
+        raise ValueError(f"size {text!r} is not like 10G, 500M, 50K or 1000000") from None
+
+
+def _open_store(url, arguments):
+    """The store behind a Memory location given on the command line."""
+    options = {}
+    if arguments.endpoint_url:
+        options["endpoint_url"] = arguments.endpoint_url
+    if arguments.profile:
+        options["profile"] = arguments.profile
+    location = url.rstrip("/")
+    if not location.endswith("/joblib"):
+        location += "/joblib"  # where Memory(url) keeps its cache
+    store = S3StoreBackend()
+    store.configure(location, backend_options=options)
+    return store
+
+
+def _function_of(store, item):
+    return item.path[len(store.location) + 1:].rpartition("/")[0]
+
+
+def _progress(message):
+    # Long runs tell where they are, on a terminal only.
+    if sys.stderr.isatty():
+        print(message, file=sys.stderr)
+
+
+def _command_ls(arguments):
+    store = _open_store(arguments.location, arguments)
+    _progress(f"listing {store.location} ...")
+    functions = collections.defaultdict(list)
+    for item in store.get_items():
+        functions[_function_of(store, item)].append(item)
+    rows = [
+        {
+            "function": name,
+            "items": len(items),
+            "bytes": sum(item.size for item in items),
+            "oldest_access": min(item.last_access for item in items).isoformat(" ", "seconds"),
+            "newest_access": max(item.last_access for item in items).isoformat(" ", "seconds"),
+        }
+        for name, items in sorted(functions.items())
+    ]
+    if arguments.json:
+        print(json.dumps(rows, indent=2))
+        return
+    print(f"{'items':>6} {'bytes':>12}  {'oldest access':<19}  {'newest access':<19}  function")
+    for row in rows:
+        print(f"{row['items']:>6} {row['bytes']:>12}  {row['oldest_access']:<19}  "
+              f"{row['newest_access']:<19}  {row['function']}")
+    print(f"{sum(r['items'] for r in rows):>6} {sum(r['bytes'] for r in rows):>12}  "
+          f"in {store.location}")
+
+
+def _command_prune(arguments):
+    if arguments.bytes_limit is None and arguments.items_limit is None and arguments.age_limit is None:
+        raise _UsageError("prune needs --bytes-limit, --items-limit or --age-limit")
+    store = _open_store(arguments.location, arguments)
+    removed = store._evict(
+        bytes_limit=arguments.bytes_limit,
+        items_limit=arguments.items_limit,
+        age_limit=arguments.age_limit,
+        dry_run=arguments.dry_run,
+    )
+    verb = "would remove" if arguments.dry_run else "removed"
+    for item in removed:
+        print(f"{verb} {item.path} ({item.size} bytes, last access "
+              f"{item.last_access.isoformat(' ', 'seconds')})")
+    print(f"{verb} {len(removed)} items, {sum(item.size for item in removed)} bytes")
+
+
+def _command_clear(arguments):
+    store = _open_store(arguments.location, arguments)
+    items = store.get_items()
+    if arguments.function:
+        items = [
+            item for item in items
+            if _function_of(store, item) == arguments.function
+            or _function_of(store, item).rpartition("/")[2] == arguments.function
+        ]
+        functions = sorted({_function_of(store, item) for item in items})
+        if not functions:
+            raise _UsageError(f"no cached function named {arguments.function!r} in {store.location}")
+        target = ", ".join(functions)
+    else:
+        target = store.location
+    if not arguments.yes:
+        if not sys.stdin.isatty():
+            raise _UsageError("clear asks for confirmation: run it on a terminal, or pass --yes")
+        answer = input(f"Delete {len(items)} items ({sum(i.size for i in items)} bytes) "
+                       f"of {target}? [y/N] ")
+        if answer.strip().lower() not in ("y", "yes"):
+            print("nothing deleted")
+            return
+    if arguments.function:
+        for name in functions:
+            _progress(f"clearing {name} ...")
+            store.clear_location(f"{store.location}/{name}")
+    else:
+        _progress(f"clearing {store.location} ...")
+        store.clear_location(store.location)
+    print(f"deleted {len(items)} items of {target}")
+
+
+class _UsageError(Exception):
+    """A command line that cannot be carried out as given (exit status 2)."""
+
+
 def _main(argv=None):
     import argparse
 
     parser = argparse.ArgumentParser(
         prog="python -m joblib_store",
-        description="joblib's Memory cache in Amazon S3 and S3-compatible stores.",
+        description="joblib's Memory cache in Amazon S3 and S3-compatible stores. "
+        "LOCATION is the URL given to Memory, such as s3://bucket/prefix.",
     )
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--endpoint-url", help="an S3-compatible endpoint")
+    shared.add_argument("--profile", help="an AWS profile for the credentials")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    listing = commands.add_parser("ls", parents=[shared],
+                                  help="one line per cached function")
+    listing.add_argument("location")
+    listing.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    prune = commands.add_parser(
+        "prune", parents=[shared],
+        help="remove the least recently used results, as Memory.reduce_size")
+    prune.add_argument("location")
+    prune.add_argument("--bytes-limit", type=_parse_bytes, help="such as 10G, 500M or 1000000")
+    prune.add_argument("--items-limit", type=int)
+    prune.add_argument("--age-limit", type=_parse_age, help="such as 30d, 12h or 45m")
+    prune.add_argument("--dry-run", action="store_true", help="only print what would go")
+
+    clear = commands.add_parser("clear", parents=[shared], help="delete cached results")
+    clear.add_argument("location")
+    clear.add_argument("--function", help="only this function (its name or full id)")
+    clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+
     demo = commands.add_parser(
-        "demo",
+        "demo", parents=[shared],
         help="cache a computation in S3 twice: a miss, then a hit",
         description="Run the README example twice. Without a location or "
         "--endpoint-url it starts moto's S3 server on 127.0.0.1 and needs no "
         "AWS account.",
     )
     demo.add_argument("location", nargs="?", help="s3://bucket/prefix to use")
-    demo.add_argument("--endpoint-url", help="an S3-compatible endpoint")
+
     arguments = parser.parse_args(argv)
-    if arguments.command == "demo":
-        _demo(arguments.location, arguments.endpoint_url)
+    command = {"ls": _command_ls, "prune": _command_prune, "clear": _command_clear}
+    try:
+        if arguments.command == "demo":
+            _demo(arguments.location, arguments.endpoint_url)
+        else:
+            command[arguments.command](arguments)
+    except _UsageError as error:
+        parser.print_usage(sys.stderr)
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 1
+    except Exception as error:
+        print(f"{parser.prog}: error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

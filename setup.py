@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     install_requires=["joblib>=1.2", "s3fs"],
     extras_require={
-        "test": ["pytest", "moto[server]", "numpy"],
+        "test": ["pytest", "moto[server]", "numpy", "dask[distributed]"],
         "demo": ["moto[server]", "numpy"],
     },
     classifiers=[

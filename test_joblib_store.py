@@ -8,6 +8,7 @@ Each test gets a fresh bucket.
 
 import asyncio
 import datetime
+import json
 import logging
 import os
 import pickle
@@ -1070,6 +1071,31 @@ def test_loky_workers_share_one_cache(location, s3_server, bucket):
         assert cached.call_and_shelve(x).get() == x * x
 
 
+def test_dask_workers_share_one_cache(location, s3_server):
+    from dask.distributed import Client, LocalCluster
+    from joblib import Parallel, delayed
+
+    try:
+        from joblib import parallel_config as joblib_backend
+    except ImportError:  # joblib < 1.3
+        from joblib import parallel_backend as joblib_backend
+
+    cached = Memory(location, verbose=0).cache(square)
+    inputs = [x % 10 for x in range(40)]
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                      host="127.0.0.1", dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        with joblib_backend("dask"):
+            first = Parallel()(delayed(cached)(x) for x in inputs)
+        with s3_server.counting() as second_pass:
+            with joblib_backend("dask"):
+                second = Parallel()(delayed(cached)(x) for x in inputs)
+            mapped = client.gather(client.map(cached, inputs, pure=False))
+    assert first == second == mapped == [x * x for x in inputs]
+    assert second_pass["PutObject"] == 0, second_pass  # nothing computed again
+    assert all(cached.check_call_in_cache(x) for x in range(10))
+
+
 def test_a_changed_function_in_another_process_is_not_served_stale(location, tmp_path):
     module = tmp_path / "changing.py"
     program = f"""
@@ -1167,3 +1193,169 @@ def test_server_side_encryption_reaches_every_object(location, s3_client, bucket
         assert head["ServerSideEncryption"] == encryption["ServerSideEncryption"], key
         if "SSEKMSKeyId" in encryption:
             assert encryption["SSEKMSKeyId"] in head["SSEKMSKeyId"], key
+
+
+# ------------------------------------------------------ least recently used
+
+
+def test_reduce_size_evicts_the_least_recently_used(location):
+    memory = Memory(location, verbose=0, backend_options={"access_interval": 0})
+    cached = store_spaced_items(memory, 3)  # stores 0, 1, 2 in that order
+    time.sleep(1.05)
+    assert cached(0) == 0  # a hit on the oldest
+    joblib_store._wait_for_background_requests()
+    reduce_size(memory, items_limit=2)
+    assert cached_inputs(memory, cached, 3) == [0, 2]
+
+
+def test_age_limit_counts_from_the_last_access(location):
+    memory = Memory(location, verbose=0, backend_options={"access_interval": 0})
+    cached = store_spaced_items(memory, 2)
+    time.sleep(2.5)
+    assert cached(0) == 0
+    joblib_store._wait_for_background_requests()
+    reduce_size(memory, age_limit=datetime.timedelta(seconds=2))
+    assert cached_inputs(memory, cached, 2) == [0]
+
+
+def test_an_access_record_is_one_copy_inside_s3_per_interval(location, s3_server):
+    memory = Memory(location, verbose=0, backend_options={"access_interval": 2})
+    cached = memory.cache(fresh(square))
+    cached(1)
+    with s3_server.counting() as fresh_entry:
+        cached(1)  # written less than 2 s ago: that is its last access
+        joblib_store._wait_for_background_requests()
+    time.sleep(2.2)
+    with s3_server.counting() as due:
+        cached(1)
+        joblib_store._wait_for_background_requests()
+    with s3_server.counting() as just_recorded:
+        cached(1)
+        joblib_store._wait_for_background_requests()
+    assert fresh_entry == just_recorded == Counter({"HeadObject": 1, "GetObject": 1})
+    # One server-side copy: no download, no upload of the result.
+    assert due == Counter({"HeadObject": 1, "GetObject": 1, "CopyObject": 1}), due
+    assert CALLS == [1]
+
+
+def test_an_access_record_keeps_the_result_and_its_encryption(location, s3_client, bucket):
+    memory = Memory(location, verbose=0, backend_options={
+        "access_interval": 0, "s3_additional_kwargs": {"ServerSideEncryption": "AES256"}})
+    cached = memory.cache(fresh(random_array))
+    expected = cached(1000)
+    key = next(k for k in keys_in(s3_client, bucket) if k.endswith("output.pkl"))
+    written = s3_client.head_object(Bucket=bucket, Key=key)
+    time.sleep(1.05)
+    np.testing.assert_array_equal(cached(1000), expected)
+    joblib_store._wait_for_background_requests()
+    accessed = s3_client.head_object(Bucket=bucket, Key=key)
+    assert accessed["LastModified"] > written["LastModified"]
+    assert accessed["ServerSideEncryption"] == "AES256"
+    assert accessed["ContentLength"] == written["ContentLength"]
+    np.testing.assert_array_equal(cached(1000), expected)
+
+
+def test_verbose_reports_big_transfers(location, capsys):
+    cached = Memory(location, verbose=10).cache(fresh(random_array))
+    size = 16 * MiB // 8
+    cached(size)
+    cached(size)
+    out = capsys.readouterr().out
+    assert "[Memory] Stored 16.0 MiB in" in out and "MiB/s)" in out
+    assert "[Memory] Loaded 16.0 MiB in" in out
+
+
+# ------------------------------------------------------------ command line
+
+
+def run_cli(*arguments, input=None):
+    return subprocess.run(
+        [sys.executable, "-m", "joblib_store", *arguments],
+        capture_output=True, text=True, timeout=120, cwd=HERE, input=input,
+        env={**os.environ, "PYTHONPATH": HERE},
+    )
+
+
+@pytest.fixture
+def filled_cache(location):
+    """Two functions, three items, the oldest a second before the others."""
+    memory = Memory(location, verbose=0)
+    memory.cache(fresh(square))(1)
+    time.sleep(1.05)
+    memory.cache(fresh(square))(2)
+    memory.cache(fresh(add))(1, 2)
+    return memory
+
+
+def test_cli_ls_lists_functions(location, filled_cache):
+    result = run_cli("ls", location)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.split()[0] == "2" and line.endswith("test_joblib_store/square") for line in lines)
+    assert any(line.split()[0] == "1" and line.endswith("test_joblib_store/add") for line in lines)
+    listed = json.loads(run_cli("ls", location, "--json").stdout)
+    assert {row["function"]: row["items"] for row in listed} == {
+        "test_joblib_store/add": 1, "test_joblib_store/square": 2}
+    assert all(row["bytes"] > 0 and row["oldest_access"] <= row["newest_access"] for row in listed)
+
+
+def test_cli_prune_dry_run_then_prune(location, filled_cache):
+    dry = run_cli("prune", location, "--items-limit", "2", "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert "would remove 1 items" in dry.stdout
+    assert len(filled_cache.store_backend.get_items()) == 3
+    pruned = run_cli("prune", location, "--items-limit", "2")
+    assert pruned.returncode == 0 and "removed 1 items" in pruned.stdout
+    remaining = filled_cache.store_backend.get_items()
+    assert len(remaining) == 2
+    assert filled_cache.cache(fresh(square)).check_call_in_cache(2)
+    assert not filled_cache.cache(fresh(square)).check_call_in_cache(1)
+
+
+def test_cli_prune_age_and_bytes_limits(location, filled_cache):
+    assert "removed 0 items" in run_cli("prune", location, "--age-limit", "1d").stdout
+    assert "removed 3 items" in run_cli("prune", location, "--bytes-limit", "0").stdout
+    assert filled_cache.store_backend.get_items() == []
+
+
+def test_cli_clear_asks_unless_yes(location, filled_cache):
+    refused = run_cli("clear", location)
+    assert refused.returncode == 2 and "--yes" in refused.stderr
+    assert len(filled_cache.store_backend.get_items()) == 3
+    one = run_cli("clear", location, "--function", "add", "--yes")
+    assert one.returncode == 0, one.stderr
+    assert "deleted 1 items" in one.stdout
+    assert len(filled_cache.store_backend.get_items()) == 2
+    everything = run_cli("clear", location, "--yes")
+    assert everything.returncode == 0 and filled_cache.store_backend.get_items() == []
+
+
+@pytest.mark.parametrize(
+    "arguments, status, words",
+    [
+        (["ls"], 2, "required"),
+        (["prune", "s3://b-x/c"], 2, "--bytes-limit"),
+        (["prune", "s3://b-x/c", "--age-limit", "soon"], 2, "age-limit"),
+        (["ls", "s3://"], 1, "s3://"),
+        (["ls", "s3://{bucket}-missing/c"], 1, "does not exist"),
+        (["clear", "s3://{bucket}/cache", "--function", "nothing", "--yes"], 2, "nothing"),
+    ],
+)
+def test_cli_errors_are_one_line_with_the_right_status(bucket, arguments, status, words):
+    result = run_cli(*[argument.format(bucket=bucket) for argument in arguments])
+    assert result.returncode == status, result.stderr
+    assert words in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_never_prints_credentials(location, filled_cache):
+    env_secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("AWS_SECRET_ACCESS_KEY", SENTINEL_SECRET)
+        patch.setenv("AWS_SESSION_TOKEN", SENTINEL_TOKEN)
+        outputs = [run_cli("ls", location), run_cli("ls", "s3://nope-missing-bucket/x"),
+                   run_cli("prune", location, "--items-limit", "5")]
+    assert env_secret == "testing"
+    for result in outputs:
+        assert SENTINEL_SECRET not in result.stdout + result.stderr
+        assert SENTINEL_TOKEN not in result.stdout + result.stderr
