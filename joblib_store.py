@@ -12,6 +12,9 @@ It needs joblib >= 1.2 and s3fs. Credentials and the endpoint come from the
 usual AWS chain (environment, ``~/.aws``, instance role, ``AWS_ENDPOINT_URL``)
 unless given in ``backend_options``; see ``S3StoreBackend.configure``.
 
+``python -m joblib_store --help`` lists commands to inspect (``ls``), prune
+(``prune``) and clear (``clear``) a cache, and a self-contained ``demo``.
+
 Cached values are pickles: whoever can write the bucket can run code in every
 process that reads it. Use a bucket that only your jobs can write.
 
@@ -32,9 +35,11 @@ import os
 import posixpath
 import queue
 import re
+import shutil
 import sys
 import threading
 import time
+import uuid
 import warnings
 import zlib
 from pickle import PicklingError
@@ -106,6 +111,8 @@ DEFAULT_MAX_CONCURRENCY = 3
 DEFAULT_ACCESS_INTERVAL = 3600  # seconds between two access records of a result
 _RECORDABLE = 5 * 2**30  # CopyObject's limit: larger results keep their write time
 _BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
+DEFAULT_LOCAL_CACHE_BYTES_LIMIT = 10 * 2**30
+_CONTENT_ID = "joblib-store-id"  # user metadata naming one written result
 # Objects up to this size are read in one piece; larger ones are streamed.
 _SMALL_OBJECT = 1 * _MiB
 _READ_CHUNK = 1 * _MiB
@@ -125,6 +132,8 @@ _STORE_OPTIONS = (
     "part_size",
     "max_concurrency",
     "access_interval",
+    "local_cache_dir",
+    "local_cache_bytes_limit",
 )
 _JOBLIB_OPTIONS = ("compress", "mmap_mode")
 _MMAP_MODES = (None, "r", "r+", "w+", "c")
@@ -600,10 +609,11 @@ class _MultipartWriter(io.RawIOBase):
     aborts it, so no parts are left billed.
     """
 
-    def __init__(self, store, key, part_size, max_concurrency):
+    def __init__(self, store, key, part_size, max_concurrency, metadata=None):
         super().__init__()
         self._store = store
         self._key = key
+        self._metadata = {"Metadata": metadata} if metadata else {}
         self._part_size = part_size
         self._max_concurrency = max_concurrency
         self._chunks = []
@@ -646,7 +656,9 @@ class _MultipartWriter(io.RawIOBase):
     def _send_part(self):
         store = self._store
         if self._upload_id is None:
-            response = store._call("create_multipart_upload", Key=self._key)
+            response = store._call(
+                "create_multipart_upload", Key=self._key, **self._metadata
+            )
             self._upload_id = response["UploadId"]
         part_number = len(self._parts) + 1
         if part_number > _MAX_PARTS:
@@ -690,6 +702,7 @@ class _MultipartWriter(io.RawIOBase):
                     "put_object",
                     Key=self._key,
                     Body=self._take_buffer() if self._chunks else b"",
+                    **self._metadata,
                 )
             else:
                 if self._chunks:
@@ -773,7 +786,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             ``max_concurrency`` (parts' worth of bytes in flight, default 3);
             ``access_interval`` (seconds or a timedelta, default one hour:
             how stale a result's last-access time may get before a hit
-            records it again; see ``_record_access``); and joblib's own
+            records it again; see ``_record_access``); ``local_cache_dir``, a
+            folder for local copies of results (used for every hit when given,
+            and for memory-mapped hits, under ``$XDG_CACHE_HOME/joblib_store``
+            by default, when ``mmap_mode`` is set); ``local_cache_bytes_limit``
+            (default 10 GiB, or a string such as '500M'); and joblib's own
             ``compress`` and ``mmap_mode``.
         """
         options = dict(backend_options or {})
@@ -786,6 +803,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         part_size = options.pop("part_size", DEFAULT_PART_SIZE)
         max_concurrency = options.pop("max_concurrency", DEFAULT_MAX_CONCURRENCY)
         access_interval = options.pop("access_interval", DEFAULT_ACCESS_INTERVAL)
+        local_cache_dir = options.pop("local_cache_dir", None)
+        local_cache_bytes_limit = options.pop(
+            "local_cache_bytes_limit", DEFAULT_LOCAL_CACHE_BYTES_LIMIT
+        )
 
         unknown = sorted(set(options) - _s3fs_option_names())
         if unknown:
@@ -824,6 +845,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             )
         if access_interval < 0:
             raise ValueError(f"access_interval={access_interval} must not be negative")
+        if isinstance(local_cache_bytes_limit, str):
+            local_cache_bytes_limit = memstr_to_bytes(local_cache_bytes_limit)
+        _check_positive_int("local_cache_bytes_limit", local_cache_bytes_limit, 0)
+        if local_cache_dir is not None:
+            local_cache_dir = os.fspath(local_cache_dir)
+        elif mmap_mode is not None:
+            cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+                os.path.expanduser("~"), ".cache"
+            )
+            local_cache_dir = os.path.join(cache_home, "joblib_store")
         bucket, prefix = _parse_location(location, bucket)
 
         if fs is None:
@@ -844,17 +875,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         self.part_size = part_size
         self.max_concurrency = max_concurrency
         self.access_interval = access_interval
+        self.local_cache_dir = local_cache_dir
+        self.local_cache_bytes_limit = local_cache_bytes_limit
         self._warned = set()
         self._check_bucket(create_bucket)
         _FILESYSTEM_BY_BUCKET[bucket] = fs
-        if mmap_mode is not None:
-            warnings.warn(
-                f"S3 objects cannot be memory-mapped: mmap_mode={mmap_mode!r} "
-                f"is ignored by the cache in {self.location}, and results are "
-                f"loaded into memory",
-                UserWarning,
-                stacklevel=4,
-            )
 
     def _check_bucket(self, create_bucket):
         """Fail early and clearly when the bucket cannot be used."""
@@ -923,6 +948,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         state = self.__dict__.copy()
         state["_warned"] = set()
         state["_offline_until"] = 0.0
+        state.pop("_heads", None)
         return state
 
     # ------------------------------------------------------------- requests
@@ -1021,8 +1047,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
 
     def _delete(self, keys):
-        """Delete keys, 1000 per request; a missing key is not an error."""
+        """Delete keys, 1000 per request; a missing key is not an error.
+
+        Local copies of deleted results go too.
+        """
         keys = list(keys)
+        self._drop_local_copies(keys)
         for start in range(0, len(keys), _DELETE_BATCH):
             batch = keys[start:start + _DELETE_BATCH]
             response = self._call(
@@ -1139,24 +1169,44 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def contains_item(self, call_id):
         # One HEAD of the result; a missing key is a miss, never a listing.
+        key = self._key(call_id, OUTPUT)
         try:
-            return self._head(self._key(call_id, OUTPUT)) is not None
+            head = self._head(key)
         except Exception as error:
             self._warn_cache_failure("check the cache", error)
             return False
+        if head is not None and self.local_cache_dir is not None:
+            # The load that follows checks its local copy against this.
+            self._last_heads()[key] = head
+        return head is not None
+
+    def _last_heads(self):
+        if "_heads" not in self.__dict__:
+            self._heads = threading.local()
+        heads = getattr(self._heads, "by_key", None)
+        if heads is None:
+            heads = self._heads.by_key = {}
+        heads.clear()  # only the latest check is fresh enough to trust
+        return heads
+
+    def _fresh_head(self, key):
+        heads = getattr(self.__dict__.get("_heads"), "by_key", None) or {}
+        return heads.pop(key, None)
 
     def _load_output(self, call_id):
         # No existence check: contains_item has just made it, and a 404 on
         # the GET says the same.
         key = self._key(call_id, OUTPUT)
         started = time.perf_counter()
+        if self.local_cache_dir is not None:
+            path, response = self._local_copy(key)
+            item = numpy_pickle.load(path, mmap_mode=self.mmap_mode)
+            self._record_access(key, response)
+            return item
         try:
             stream, response = self._get(key, with_response=True)
         except FileNotFoundError:
-            raise KeyError(
-                f"Non-existing item (may have been cleared).\n"
-                f"File {self._url(key)} does not exist"
-            ) from None
+            raise self._missing_item(key) from None
         if isinstance(stream, io.BufferedReader) and stream.peek(1)[:1] == _ZLIB_PREFIX:
             # A large zlib-compressed result: inflate it in parallel.
             stream = io.BufferedReader(_InflatingReader(stream), buffer_size=_MiB)
@@ -1165,6 +1215,85 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         self._report_transfer("Loaded", response.get("ContentLength", 0), started, key)
         self._record_access(key, response)
         return item
+
+    def _missing_item(self, key):
+        # The words of joblib's own backend.
+        return KeyError(
+            f"Non-existing item (may have been cleared).\n"
+            f"File {self._url(key)} does not exist"
+        )
+
+    def _local_copy(self, key):
+        """A local file holding the current result at key, and its headers.
+
+        The copy is used only while it is the object S3 holds now: its name
+        is the version that the existence check just read (no extra
+        request), so a rewritten result is downloaded again. Downloads go to
+        a temporary name first, so no half-written file is ever mapped.
+        """
+        head = self._fresh_head(key) or self._head(key)
+        if head is None:
+            raise self._missing_item(key)
+        folder = self._local_folder(key)
+        path = os.path.join(folder, _version_of(head) + ".pkl")
+        if os.path.exists(path):
+            os.utime(path)  # the local copies are evicted least recently used
+            return path, head
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        started = time.perf_counter()
+        try:
+            stream, response = self._get(key, with_response=True)
+        except FileNotFoundError:
+            raise self._missing_item(key) from None
+        # Named after what was downloaded, should it have changed since.
+        path = os.path.join(folder, _version_of(response) + ".pkl")
+        partial = f"{path}.{uuid.uuid4().hex}.part"
+        try:
+            with stream, open(partial, "wb") as local_file:
+                shutil.copyfileobj(stream, local_file, _MiB)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        self._report_transfer("Loaded", response.get("ContentLength", 0), started, key)
+        for name in os.listdir(folder):
+            if name != os.path.basename(path) and not name.endswith(".part"):
+                _remove_quietly(os.path.join(folder, name))
+        self._evict_local_copies(keep=path)
+        return path, response
+
+    def _local_folder(self, key):
+        import hashlib
+
+        where = f"{self.endpoint}\n{self.bucket}\n{key}".encode("utf-8")
+        return os.path.join(self.local_cache_dir, hashlib.sha256(where).hexdigest()[:32])
+
+    def _evict_local_copies(self, keep=None):
+        """Keep the local copies under local_cache_bytes_limit, LRU first."""
+        copies = []
+        with os.scandir(self.local_cache_dir) as folders:
+            for folder in folders:
+                if not folder.is_dir():
+                    continue
+                with os.scandir(folder.path) as files:
+                    for entry in files:
+                        if entry.name.endswith(".pkl"):
+                            stat = entry.stat()
+                            copies.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in copies)
+        for _, size, path in sorted(copies):
+            if total <= self.local_cache_bytes_limit:
+                break
+            if path != keep:
+                _remove_quietly(path)
+                total -= size
+
+    def _drop_local_copies(self, keys):
+        if self.local_cache_dir is None:
+            return
+        for key in keys:
+            if key.endswith("/" + OUTPUT):
+                shutil.rmtree(self._local_folder(key), ignore_errors=True)
 
     def _report_transfer(self, verb, size, started, key):
         # At verbose >= 10, big transfers say how long they took.
@@ -1247,7 +1376,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         if verbose > 10:
             print(f"Persisting in {self._url(posixpath.dirname(key))}")
         started = time.perf_counter()
-        stream = _MultipartWriter(self, key, self.part_size, self.max_concurrency)
+        stream = _MultipartWriter(
+            self, key, self.part_size, self.max_concurrency,
+            # Names this very result, so local copies can tell versions apart
+            # (an ETag changes when an access record copies the object).
+            metadata={_CONTENT_ID: uuid.uuid4().hex},
+        )
         try:
             zlib_level = _zlib_level(self.compress)
             if zlib_level is None:
@@ -1379,6 +1513,19 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         def reduce_store_size(self, bytes_limit):
             """Delete the least recently used results beyond bytes_limit."""
             self.enforce_store_limits(bytes_limit)
+
+
+def _version_of(response):
+    """The name of the result version in a HEAD or GET response."""
+    version = (response.get("Metadata") or {}).get(_CONTENT_ID) or response["ETag"]
+    return re.sub(r"[^A-Za-z0-9-]", "", version)
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 _BACKGROUND_REQUESTS = set()

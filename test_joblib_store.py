@@ -450,17 +450,6 @@ def test_unreachable_endpoint_fails_fast_and_names_it(bucket):
     assert url in str(raised.value) and f"'{bucket}'" in str(raised.value)
 
 
-def test_mmap_mode_warns_once_and_still_loads(location):
-    with pytest.warns(UserWarning, match="cannot be memory-mapped") as caught:
-        memory = Memory(location, verbose=0, mmap_mode="r")
-    assert sum("memory-mapped" in str(w.message) for w in caught) == 1
-    cached = memory.cache(fresh(random_array))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        np.testing.assert_array_equal(cached(1000), random_array(1000))
-        np.testing.assert_array_equal(cached(1000), random_array(1000))
-
-
 # ------------------------------------------------- the store, method by method
 
 
@@ -1083,7 +1072,7 @@ def test_dask_workers_share_one_cache(location, s3_server):
     cached = Memory(location, verbose=0).cache(square)
     inputs = [x % 10 for x in range(40)]
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                      host="127.0.0.1", dashboard_address=None) as cluster, \
+                      host="127.0.0.1", dashboard_address="127.0.0.1:0") as cluster, \
             Client(cluster) as client:
         with joblib_backend("dask"):
             first = Parallel()(delayed(cached)(x) for x in inputs)
@@ -1359,3 +1348,104 @@ def test_cli_never_prints_credentials(location, filled_cache):
     for result in outputs:
         assert SENTINEL_SECRET not in result.stdout + result.stderr
         assert SENTINEL_TOKEN not in result.stdout + result.stderr
+
+
+# ------------------------------------------------------- memory-mapped hits
+
+
+def local_copies(folder):
+    return sorted(str(path.relative_to(folder)) for path in folder.rglob("*.pkl"))
+
+
+@pytest.mark.parametrize("order", ["C", "F"])
+def test_mmap_hits_map_a_local_copy_fetched_once(location, s3_server, tmp_path, order):
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    cached = memory.cache(fresh(identity))
+    value = np.asarray(np.arange(300_000.0).reshape(600, 500), order=order)
+    first = cached(value)
+    with s3_server.counting() as second_hit:
+        second = cached(value)
+    for result in (first, second):
+        assert isinstance(result, np.memmap) and result.mode == "r"
+        np.testing.assert_array_equal(result, value)
+        assert result.flags.f_contiguous == (order == "F")
+    # A hit on a machine that holds the copy: the existence check, no bytes.
+    assert second_hit == Counter({"HeadObject": 1}), second_hit
+    assert len(local_copies(tmp_path)) == 1 and CALLS == [1]
+
+
+def test_mmap_uses_a_per_user_folder_by_default(location, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    cached = Memory(location, verbose=0, mmap_mode="c").cache(fresh(random_array))
+    assert isinstance(cached(1000), np.memmap)
+    assert len(local_copies(tmp_path / "joblib_store")) == 1
+
+
+def test_a_rewritten_result_is_downloaded_again(location, tmp_path):
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    cached = memory.cache(fresh(random_array))
+    cached(1000)
+    np.testing.assert_array_equal(cached(1000), random_array(1000))
+    # Another process rewrites the result (same key, new content).
+    other = S3StoreBackend()
+    other.configure(memory.store_backend.location)
+    [item] = other.get_items()
+    call_id = item.path[len(other.location) + 1:].rsplit("/", 1)
+    other.dump_item(call_id, np.zeros(1000))
+    np.testing.assert_array_equal(cached(1000), np.zeros(1000))
+    assert len(local_copies(tmp_path)) == 1
+
+
+def test_local_copies_stay_under_their_limit_least_recently_used_first(
+        location, s3_server, tmp_path):
+    memory = Memory(location, verbose=0, mmap_mode="r", backend_options={
+        "local_cache_dir": str(tmp_path), "local_cache_bytes_limit": 20_000})
+    cached = memory.cache(fresh(random_array))
+    cached(1000), cached(1001)  # 8 kB each: both fit
+    assert len(local_copies(tmp_path)) == 2
+    time.sleep(0.05)
+    cached(1000)  # now 1001 is the least recently used
+    time.sleep(0.05)
+    cached(1002)
+    copies = local_copies(tmp_path)
+    assert len(copies) == 2
+    sizes = {os.path.getsize(tmp_path / copy) for copy in copies}
+    assert all(size < 10_000 for size in sizes)
+    with s3_server.counting() as counts:
+        cached(1000)
+    assert counts["GetObject"] == 0, counts  # kept
+    with s3_server.counting() as counts:
+        cached(1001)
+    assert counts["GetObject"] == 1, counts  # evicted, fetched again
+
+
+def test_clear_and_reduce_size_drop_local_copies(location, tmp_path):
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    memory.cache(fresh(square))(0)
+    time.sleep(1.05)  # S3 times have 1 s steps: square(0) is the oldest
+    cached_array = memory.cache(fresh(random_array))
+    cached_array(10), cached_array(11), cached_array(10)
+    # joblib maps a result right after computing it: three local copies.
+    assert len(local_copies(tmp_path)) == 3
+    reduce_size(memory, items_limit=2)
+    assert len(local_copies(tmp_path)) == 2
+    reduce_size(memory, items_limit=1)
+    assert len(local_copies(tmp_path)) == 1
+    memory.clear(warn=False)
+    assert local_copies(tmp_path) == []
+
+
+def test_a_local_cache_serves_plain_hits_too(location, s3_server, tmp_path):
+    memory = Memory(location, verbose=0,
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    cached = memory.cache(fresh(random_array))
+    cached(5000)
+    cached(5000)
+    with s3_server.counting() as hit:
+        result = cached(5000)
+    assert not isinstance(result, np.memmap)
+    np.testing.assert_array_equal(result, random_array(5000))
+    assert hit == Counter({"HeadObject": 1}), hit

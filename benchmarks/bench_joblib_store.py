@@ -149,8 +149,17 @@ def measure(spec):
     key = f"s3://{bucket}/bench/joblib/bench/f/{spec['args_id']}/output.pkl"
     local_dir = spec.get("local_dir")
     local = FileSystemStoreBackend()
+    mmap_mode = "r" if spec["phase"] == "mmap hit" else None
     if local_dir:
-        local.configure(local_dir, backend_options={"compress": compress})
+        local.configure(local_dir, backend_options={"compress": compress,
+                                                    "mmap_mode": mmap_mode})
+    if spec["phase"] in ("mmap hit", "local-copy hit"):
+        # A hit on a machine that already holds a local copy of the result.
+        store = joblib_store.S3StoreBackend()
+        store.configure(f"s3://{bucket}/bench/joblib", backend_options={
+            **options, "compress": compress, "mmap_mode": mmap_mode,
+            "local_cache_dir": os.path.join(local_dir, "s3-copies")})
+        store.load_item(call_id, verbose=0)
     value = None
     if spec["phase"] == "store":
         value = make_payload(spec["size"])
@@ -169,8 +178,12 @@ def measure(spec):
             return store.load_item(call_id, verbose=0)
         elif phase == "load" and implementation == "s3fs floor":
             return fs.cat_file(key)
-        elif phase == "load" and implementation == "local backend":
+        elif phase in ("load", "mmap hit") and implementation == "local backend":
             return local.load_item(call_id, verbose=0)
+        elif phase in ("mmap hit", "local-copy hit") and implementation == "joblib_store":
+            # What a hit costs: the existence check, then the load.
+            assert store.contains_item(call_id)
+            return store.load_item(call_id, verbose=0)
         else:
             raise ValueError(spec)
 
@@ -186,7 +199,7 @@ def measure(spec):
     requests = server_counts(endpoint) - requests_before
     requests["__requests__"] = 0
     growth = peak_bytes() - before
-    if spec["phase"] == "load" and spec["implementation"] != "s3fs floor" and spec["size"]:
+    if spec["phase"] != "store" and spec["implementation"] != "s3fs floor" and spec["size"]:
         assert isinstance(result, np.ndarray) and result.nbytes == spec["size"]
     return {"seconds": seconds, "growth": growth, "requests": dict(+requests)}
 
@@ -323,6 +336,19 @@ def report_transfers(endpoint, bucket, size_name, compress, runs):
             versus_payload = f"{growth / size:9.2f}x" if size else f"{'':>10}"
             print(f"{phase:<6} {implementation:<14} {median * 1000:7.1f}ms {ratio:8.2f}x "
                   f"{growth / MiB:9.1f}MiB {versus_payload}  {requests_text(results[0]['requests'])}")
+    if compress == 0 and size and size > MiB:
+        print(f"\n{label}: hits on a machine that holds a local copy")
+        print(f"{'phase':<15} {'implementation':<14} {'median':>9} {'peak growth':>12}  requests")
+        for phase, implementations in (("mmap hit", ("joblib_store", "local backend")),
+                                       ("local-copy hit", ("joblib_store",))):
+            for implementation in implementations:
+                results = [run_fresh("--measure", {**base, "phase": phase,
+                                                   "implementation": implementation})
+                           for _ in range(runs)]
+                median = statistics.median(r["seconds"] for r in results)
+                growth = statistics.median(r["growth"] for r in results)
+                print(f"{phase:<15} {implementation:<14} {median * 1000:7.1f}ms "
+                      f"{growth / MiB:9.1f}MiB  {requests_text(results[0]['requests'])}")
     import shutil
 
     shutil.rmtree(local_dir, ignore_errors=True)
