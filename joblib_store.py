@@ -1194,8 +1194,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         return heads.pop(key, None)
 
     def _load_output(self, call_id):
-        # No existence check: contains_item has just made it, and a 404 on
-        # the GET says the same.
+        # No existence check before the GET: contains_item has just made it,
+        # and a 404 says the same. (A local copy is checked against the
+        # version that check returned.)
         key = self._key(call_id, OUTPUT)
         started = time.perf_counter()
         if self.local_cache_dir is not None:
@@ -1434,9 +1435,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def contains_path(self, call_id):
         # joblib's generic version calls a method that does not exist.
-        prefix = self._key(call_id).rstrip("/") + "/"
-        page = self._call("list_objects_v2", Prefix=prefix, MaxKeys=1)
-        return bool(page.get("KeyCount", 0))
+        return self._item_exists(self._key(call_id))
 
     def clear_path(self, call_id):
         # No existence check first: listing an empty prefix answers that.
