@@ -1177,21 +1177,22 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             return False
         if head is not None and self.local_cache_dir is not None:
             # The load that follows checks its local copy against this.
-            self._last_heads()[key] = head
+            self._remember_head(key, head)
         return head is not None
 
-    def _last_heads(self):
+    def _remember_head(self, key, head):
+        # Per thread, and only the latest check: older ones may be stale.
         if "_heads" not in self.__dict__:
             self._heads = threading.local()
-        heads = getattr(self._heads, "by_key", None)
-        if heads is None:
-            heads = self._heads.by_key = {}
-        heads.clear()  # only the latest check is fresh enough to trust
-        return heads
+        self._heads.latest = (key, head)
 
     def _fresh_head(self, key):
-        heads = getattr(self.__dict__.get("_heads"), "by_key", None) or {}
-        return heads.pop(key, None)
+        """The HEAD this thread's last existence check got for key, once."""
+        latest = getattr(self.__dict__.get("_heads"), "latest", None)
+        if latest is None or latest[0] != key:
+            return None
+        self._heads.latest = None
+        return latest[1]
 
     def _load_output(self, call_id):
         # No existence check before the GET: contains_item has just made it,
@@ -1529,17 +1530,19 @@ def _remove_quietly(path):
 
 _BACKGROUND_REQUESTS = set()
 _BACKGROUND_LOCK = threading.Lock()
+_EXIT_WAIT_REGISTERED = False
 _EXIT_WAIT = 5.0  # seconds the interpreter waits at exit for access records
 
 
 def _track_background_request(future):
     """Keep a request that nobody waits for, so that exit waits for it."""
+    global _EXIT_WAIT_REGISTERED
     with _BACKGROUND_LOCK:
-        if not _BACKGROUND_REQUESTS and not getattr(_track_background_request, "registered", False):
+        if not _EXIT_WAIT_REGISTERED:
             import atexit
 
             atexit.register(_wait_for_background_requests)
-            _track_background_request.registered = True
+            _EXIT_WAIT_REGISTERED = True
         _BACKGROUND_REQUESTS.add(future)
 
     def forget(done):
