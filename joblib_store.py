@@ -18,6 +18,23 @@ unless given in ``backend_options``; see ``S3StoreBackend.configure``.
 Cached values are pickles: whoever can write the bucket can run code in every
 process that reads it. Use a bucket that only your jobs can write.
 
+The module reads top to bottom, in these parts:
+
+1. What the installed joblib offers (search "Breakpoint").
+2. The layout of a cache in a bucket.
+3. Options: what ``configure`` receives, parsed and validated into one
+   immutable ``_StoreOptions``.
+4. The bucket client: every request, the translation of errors into the
+   exceptions users see, outages and warnings. Nothing joblib-specific.
+5. Transfers: streaming readers and the multipart writer, the one place
+   where byte ranges, parts and their concurrency live.
+6. Local copies of results, and access records for least-recently-used
+   eviction, each a small class owned by the store.
+7. The store, ``S3StoreBackend``: joblib's backend contract on top of the
+   parts above, and the failure policy, stated and applied in one place.
+8. Registration with joblib.
+9. The command line.
+
 Copyright (c) 2026, the joblib-store developers. BSD 3-clause licence.
 """
 
@@ -26,8 +43,10 @@ __version__ = "0.1.0"
 
 import asyncio
 import collections
+import dataclasses
 import datetime
 import functools
+import hashlib
 import inspect
 import io
 import json
@@ -56,8 +75,8 @@ from joblib._store_backends import (
 from joblib.logger import format_time
 
 # --------------------------------------------------------------------------
-# What the installed joblib offers. Each check is made once, here; search for
-# "Breakpoint" to find every difference between the joblib releases we
+# 1. What the installed joblib offers. Each check is made once, here; search
+# for "Breakpoint" to find every difference between the joblib releases we
 # support (1.2 to 1.6).
 # --------------------------------------------------------------------------
 
@@ -80,8 +99,8 @@ _LOAD_ITEM_TAKES_MSG = (
 _HAS_ENFORCE_STORE_LIMITS = hasattr(StoreBackendMixin, "enforce_store_limits")
 
 # --------------------------------------------------------------------------
-# Layout of a cache in a bucket. It is joblib's folder layout, one object per
-# file: <prefix>/<func_id>/func_code.py and <prefix>/<func_id>/<args_id>/
+# 2. Layout of a cache in a bucket. It is joblib's folder layout, one object
+# per file: <prefix>/<func_id>/func_code.py and <prefix>/<func_id>/<args_id>/
 # {output.pkl, metadata.json}, where func_id may itself contain slashes.
 # --------------------------------------------------------------------------
 
@@ -90,37 +109,24 @@ METADATA = "metadata.json"
 FUNC_CODE = "func_code.py"
 _ITEM_NAMES = (OUTPUT, METADATA)
 _ARGS_ID = re.compile(r"[a-f0-9]{32}")
+_CONTENT_ID = "joblib-store-id"  # user metadata naming one written result
+
+# --------------------------------------------------------------------------
+# 3. Options. Everything configure receives is validated here, once, into a
+# _StoreOptions; an error says what to fix.
+# --------------------------------------------------------------------------
 
 # S3's rules for bucket names: 3 to 63 lowercase letters, digits, dots and
 # hyphens, starting and ending with a letter or a digit.
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 _MiB = 2**20
-# S3 takes 5 MiB to 5 GiB per part and 10 000 parts per upload.
+# S3 takes 5 MiB to 5 GiB per part.
 _MIN_PART_SIZE = 5 * _MiB
-_MAX_PART_SIZE = 5 * 2**30
-_MAX_PARTS = 10_000
-# Part sizes double every 1000 parts, so that 8 MiB parts still reach
-# several TiB within S3's part count, while small results stay cheap.
-_PARTS_PER_SIZE = 1000
-_DELETE_BATCH = 1000  # keys per DeleteObjects request, S3's maximum
-_LIST_PAGE = 1000  # keys per ListObjectsV2 page, S3's maximum
-
 DEFAULT_PART_SIZE = 8 * _MiB
 DEFAULT_MAX_CONCURRENCY = 3
 DEFAULT_ACCESS_INTERVAL = 3600  # seconds between two access records of a result
-_RECORDABLE = 5 * 2**30  # CopyObject's limit: larger results keep their write time
-_BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
 DEFAULT_LOCAL_CACHE_BYTES_LIMIT = 10 * 2**30
-_CONTENT_ID = "joblib-store-id"  # user metadata naming one written result
-# Objects up to this size are read in one piece; larger ones are streamed.
-_SMALL_OBJECT = 1 * _MiB
-_READ_CHUNK = 1 * _MiB
-_ZLIB_STEP = 1 * _MiB  # bytes compressed or inflated per zlib call
-_INFLATE_AHEAD = 8  # inflated steps kept ready for the unpickler
-_ZLIB_PREFIX = b"\x78"  # how joblib recognises a zlib-compressed pickle
-_BUCKET_CHECK_TIMEOUT = 8  # seconds, for the one check made by configure
-_OFFLINE_PAUSE = 5.0  # seconds without requests after the endpoint was unreachable
 
 # Options of ours, next to joblib's own (compress, mmap_mode) and the
 # keywords of s3fs.S3FileSystem, which are read from s3fs itself.
@@ -164,6 +170,105 @@ def _s3fs_option_names():
     # Threads and loops are ours to choose.
     names.difference_update(["asynchronous", "loop"])
     return frozenset(names)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoreOptions:
+    """What a store was configured with, validated.
+
+    ``storage_options`` (keywords for ``s3fs.S3FileSystem``, credentials
+    among them) is left out of the repr.
+    """
+
+    bucket: str
+    prefix: str
+    compress: object = False
+    mmap_mode: object = None
+    storage_options: dict = dataclasses.field(default_factory=dict, repr=False)
+    fs: object = dataclasses.field(default=None, repr=False)
+    create_bucket: bool = False
+    part_size: int = DEFAULT_PART_SIZE
+    max_concurrency: int = DEFAULT_MAX_CONCURRENCY
+    access_interval: float = DEFAULT_ACCESS_INTERVAL
+    local_cache_dir: object = None
+    local_cache_bytes_limit: int = DEFAULT_LOCAL_CACHE_BYTES_LIMIT
+
+    @property
+    def location(self):
+        """The cache's URL, ``s3://bucket/prefix``."""
+        return f"s3://{self.bucket}/{self.prefix}"
+
+    @classmethod
+    def parse(cls, location, backend_options=None):
+        """Validate what ``S3StoreBackend.configure`` received.
+
+        Raises TypeError or ValueError with a message that says what to fix.
+        """
+        options = dict(backend_options or {})
+        ours = {name: options.pop(name) for name in _STORE_OPTIONS + _JOBLIB_OPTIONS
+                if name in options}
+        unknown = sorted(set(options) - _s3fs_option_names())
+        if unknown:
+            valid = sorted(
+                set(_STORE_OPTIONS) | set(_JOBLIB_OPTIONS) | _s3fs_option_names()
+            )
+            raise TypeError(
+                f"unknown backend_options for the S3 store: {', '.join(unknown)}. "
+                f"Valid options are: {', '.join(valid)}"
+            )
+        storage_options = ours.pop("storage_options", None) or {}
+        if not isinstance(storage_options, dict):
+            raise TypeError(
+                f"storage_options must be a dict, not {type(storage_options).__name__}"
+            )
+        # s3fs keywords given directly join those in storage_options.
+        storage_options = {**storage_options, **options}
+        fs = ours.pop("fs", None)
+        if fs is not None and storage_options:
+            raise TypeError(
+                "give either a ready S3FileSystem as fs, or options to build "
+                f"one ({', '.join(sorted(storage_options))}), not both"
+            )
+        if fs is not None and not isinstance(fs, _s3fs().S3FileSystem):
+            raise TypeError(f"fs must be an s3fs.S3FileSystem, not {type(fs).__name__}")
+        compress = ours.pop("compress", False)
+        _check_compress(compress)
+        mmap_mode = ours.pop("mmap_mode", None)
+        if mmap_mode not in _MMAP_MODES:
+            raise ValueError(
+                f"mmap_mode={mmap_mode!r} is not valid: use one of {_MMAP_MODES}"
+            )
+        part_size = ours.pop("part_size", DEFAULT_PART_SIZE)
+        _check_positive_int("part_size", part_size, _MIN_PART_SIZE)
+        max_concurrency = ours.pop("max_concurrency", DEFAULT_MAX_CONCURRENCY)
+        _check_positive_int("max_concurrency", max_concurrency, 1)
+        access_interval = _seconds(
+            ours.pop("access_interval", DEFAULT_ACCESS_INTERVAL)
+        )
+        bytes_limit = ours.pop("local_cache_bytes_limit", DEFAULT_LOCAL_CACHE_BYTES_LIMIT)
+        if isinstance(bytes_limit, str):
+            bytes_limit = memstr_to_bytes(bytes_limit)
+        _check_positive_int("local_cache_bytes_limit", bytes_limit, 0)
+        local_cache_dir = ours.pop("local_cache_dir", None)
+        if local_cache_dir is not None:
+            local_cache_dir = os.fspath(local_cache_dir)
+        elif mmap_mode is not None:
+            local_cache_dir = _default_local_cache_dir()
+        bucket, prefix = _parse_location(location, ours.pop("bucket", None))
+        return cls(
+            bucket=bucket,
+            prefix=prefix,
+            compress=compress,
+            mmap_mode=mmap_mode,
+            storage_options=storage_options,
+            fs=fs,
+            create_bucket=bool(ours.pop("create_bucket", False)),
+            part_size=part_size,
+            max_concurrency=max_concurrency,
+            access_interval=access_interval,
+            local_cache_dir=local_cache_dir,
+            local_cache_bytes_limit=bytes_limit,
+        )
 
 
 def _parse_location(location, bucket=None):
@@ -244,22 +349,6 @@ def _check_compress(compress):
         ) from None
 
 
-def _zlib_level(compress):
-    """The zlib level joblib would use for compress, or None if not zlib."""
-    if compress is True:
-        return 3  # joblib's default level for zlib
-    if isinstance(compress, tuple):
-        method, level = compress
-        if method == "zlib" and level:
-            return level
-        return 3 if method == "zlib" and level is None else None
-    if compress == "zlib":
-        return 3
-    if isinstance(compress, int) and not isinstance(compress, bool) and compress > 0:
-        return compress
-    return None
-
-
 def _check_positive_int(name, value, minimum):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
@@ -267,11 +356,39 @@ def _check_positive_int(name, value, minimum):
         raise ValueError(f"{name}={value} is too small: the minimum is {minimum}")
 
 
+def _seconds(access_interval):
+    """access_interval as seconds, from a number or a timedelta."""
+    if isinstance(access_interval, datetime.timedelta):
+        access_interval = access_interval.total_seconds()
+    if isinstance(access_interval, bool) or not isinstance(access_interval, (int, float)):
+        raise TypeError(
+            f"access_interval must be seconds or a timedelta, not "
+            f"{type(access_interval).__name__}"
+        )
+    if access_interval < 0:
+        raise ValueError(f"access_interval={access_interval} must not be negative")
+    return access_interval
+
+
+def _default_local_cache_dir():
+    """``$XDG_CACHE_HOME/joblib_store``, else ``~/.cache/joblib_store``."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(cache_home, "joblib_store")
+
 # --------------------------------------------------------------------------
-# Talking to S3. All requests go through S3StoreBackend._call, which runs the
-# aiobotocore client of s3fs on s3fs's event loop thread, and errors are
-# translated into the OSError subclasses joblib and users expect.
+# 4. The bucket client. Every request goes through _BucketClient, which runs
+# s3fs's aiobotocore client on s3fs's event loop thread and translates errors
+# into the OSError subclasses joblib and users expect.
 # --------------------------------------------------------------------------
+
+_DELETE_BATCH = 1000  # keys per DeleteObjects request, S3's maximum
+_LIST_PAGE = 1000  # keys per ListObjectsV2 page, S3's maximum
+_SMALL_OBJECT = 1 * _MiB  # objects up to this size are read in one piece
+_READ_CHUNK = 1 * _MiB
+_BUCKET_CHECK_TIMEOUT = 8  # seconds, for the one check made by configure
+_OFFLINE_PAUSE = 5.0  # seconds without requests after the endpoint was unreachable
 
 
 def _error_code(error):
@@ -313,47 +430,344 @@ def _is_no_credentials(error):
     )
 
 
-class _LazyMetadata(dict):
-    """The metadata of one cached call, downloaded when first read.
+def _make_filesystem(storage_options):
+    """An s3fs filesystem, retrying transient faults with backoff."""
+    s3fs = _s3fs()
+    options = dict(storage_options)
+    config_kwargs = dict(options.get("config_kwargs") or {})
+    # botocore's "standard" mode retries throttling, 5xx and dropped
+    # connections with jittered backoff, and unlike its legacy mode it does
+    # not spend minutes on an endpoint that refuses connections.
+    config_kwargs.setdefault("retries", {"total_max_attempts": 4, "mode": "standard"})
+    options["config_kwargs"] = config_kwargs
+    return s3fs.S3FileSystem(**options)
 
-    joblib asks for an item's metadata on every cache hit but reads it only
-    when a ``cache_validation_callback`` is set, so a hit without one costs
-    no request for it. It behaves as a plain dict, and pickles as one.
+
+# Buckets this process has already checked, and the filesystem each was
+# reached with, so that a store configured from a location alone (joblib
+# does that) reaches the cache the same way as the first one.
+_CHECKED_BUCKETS = set()
+_FILESYSTEM_BY_BUCKET = {}
+
+
+class _BucketClient:
+    """Requests to one bucket, with errors users can act on.
+
+    Parameters
+    ----------
+    fs : s3fs.S3FileSystem
+        Its aiobotocore client and event loop carry the requests.
+    bucket : str
+    location : str
+        The cache's URL, named in warnings.
     """
 
-    def __init__(self, fetch):
-        super().__init__()
-        self._fetch = fetch
+    def __init__(self, fs, bucket, location):
+        self.fs = fs
+        self.bucket = bucket
+        self.location = location
+        self._warned = set()
+        self._offline_until = 0.0
 
-    def _load(self):
-        fetch, self._fetch = self._fetch, None
-        if fetch is not None:
-            dict.update(self, fetch())
+    @classmethod
+    def for_options(cls, options, previous=None):
+        """The client a store configured with options uses.
 
-    def __reduce__(self):
-        self._load()
-        return dict, (dict(self.items()),)
+        A store configured from a location alone (as joblib does) reaches
+        the bucket the way the last store configured for it in this process
+        did; ``previous``, the store's own client, is kept as is.
+        """
+        fs = options.fs
+        if fs is None:
+            if options.storage_options:
+                fs = _make_filesystem(options.storage_options)
+            elif previous is not None and previous.bucket == options.bucket:
+                fs = previous.fs
+            else:
+                fs = _FILESYSTEM_BY_BUCKET.get(options.bucket) or _make_filesystem({})
+        return cls(fs, options.bucket, options.location)
+
+    def __getstate__(self):
+        # The filesystem pickles as its options (fsspec re-creates it), so
+        # the store works in a joblib worker without being configured again.
+        state = self.__dict__.copy()
+        state["_warned"] = set()
+        state["_offline_until"] = 0.0
+        return state
+
+    @property
+    def endpoint(self):
+        """The URL requests go to (never with credentials)."""
+        try:
+            return self.fs.s3.meta.endpoint_url
+        except Exception:
+            return self.fs.endpoint_url or "the default AWS endpoint"
+
+    @property
+    def loop(self):
+        """The event loop the requests run on."""
+        return self.fs.loop
+
+    def url(self, key):
+        return f"s3://{self.bucket}/{key}"
+
+    # ------------------------------------------------------------ the bucket
+
+    def check_bucket(self, prefix, create_bucket):
+        """Fail early and clearly when the bucket cannot be used."""
+        checked = (self.endpoint, self.bucket)
+        if checked not in _CHECKED_BUCKETS:
+            try:
+                self.call("head_bucket", timeout=_BUCKET_CHECK_TIMEOUT)
+            except Exception as error:
+                if _is_missing(error) and create_bucket:
+                    self._create_bucket(prefix)
+                else:
+                    raise self.bucket_error(error, prefix) from None
+            _CHECKED_BUCKETS.add(checked)
+        _FILESYSTEM_BY_BUCKET[self.bucket] = self.fs
+
+    def _create_bucket(self, prefix):
+        region = self.fs.s3.meta.region_name
+        configuration = {}
+        if region and region != "us-east-1":
+            configuration = {
+                "CreateBucketConfiguration": {"LocationConstraint": region}
+            }
+        try:
+            self.call("create_bucket", **configuration)
+        except Exception as error:
+            raise self.bucket_error(error, prefix) from None
+
+    def bucket_error(self, error, prefix):
+        """The exception that tells a user why the bucket cannot be used."""
+        where = f"bucket {self.bucket!r} at endpoint {self.endpoint}"
+        if _is_missing(error):
+            return FileNotFoundError(
+                f"{where} does not exist: create it (for example with "
+                f"'aws s3 mb s3://{self.bucket}'), correct the name, or pass "
+                f"backend_options={{'create_bucket': True}}"
+            )
+        if _is_denied(error):
+            return PermissionError(
+                f"access to {where} is denied: use credentials that may list "
+                f"and write s3://{self.bucket}/{prefix} (an AWS profile, "
+                f"the AWS_* environment variables, or the key and secret options)"
+            )
+        if _is_no_credentials(error):
+            return PermissionError(
+                f"no AWS credentials were found for {where}: set "
+                f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use a profile, "
+                f"or pass anon=True for a public bucket"
+            )
+        if _is_unreachable(error):
+            return ConnectionError(
+                f"cannot reach {where}: check endpoint_url (or "
+                f"AWS_ENDPOINT_URL) and that the server is up"
+            )
+        return OSError(f"cannot use {where}: {error}")
+
+    # -------------------------------------------------------------- requests
+
+    async def _request(self, method, **kwargs):
+        client = await self.fs.set_session()
+        bound = getattr(client, method)
+        # s3fs adds its s3_additional_kwargs (encryption, requester pays) to
+        # every request, keeping only those this method accepts.
+        kwargs = self.fs._get_s3_method_kwargs(bound, Bucket=self.bucket, **kwargs)
+        return await bound(**kwargs)
+
+    def run(self, coroutine, timeout=None):
+        """Run a coroutine on s3fs's loop, pausing requests while offline.
+
+        After the endpoint proved unreachable (botocore has already retried),
+        requests fail at once for a few seconds instead of each waiting out
+        its own retries, so that an outage slows a computation only once.
+        """
+        if time.monotonic() < self._offline_until:
+            coroutine.close()
+            raise ConnectionError(f"the S3 endpoint {self.endpoint} was unreachable moments ago")
+        if timeout is not None:
+            coroutine = asyncio.wait_for(coroutine, timeout)
+        try:
+            result = asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+        except Exception as error:
+            if _is_unreachable(error):
+                self._offline_until = time.monotonic() + _OFFLINE_PAUSE
+            raise
+        if self._offline_until:
+            # Back online: warn again about the next outage.
+            self._offline_until = 0.0
+            self._warned.clear()
+        return result
+
+    def submit(self, method, **kwargs):
+        """Start one request on s3fs's loop; return a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(
+            self._request(method, **kwargs), self.loop
+        )
+
+    def call(self, method, timeout=None, **kwargs):
+        """Make one request and wait for its response."""
+        return self.run(self._request(method, **kwargs), timeout=timeout)
+
+    async def _get_body(self, key):
+        response = await self._request("get_object", Key=key)
+        body = response.pop("Body")
+        if response.get("ContentLength", 0) <= _SMALL_OBJECT:
+            try:
+                return io.BytesIO(await body.read()), response
+            finally:
+                body.close()
+        return body, response
+
+    def get(self, key):
+        """Open one object for reading with a single GET.
+
+        A small object is read at once; a large one is streamed. A missing
+        key raises FileNotFoundError.
+
+        Returns
+        -------
+        stream, response
+            A binary file object, and the response's headers (size, ETag,
+            LastModified, Metadata).
+        """
+        try:
+            body, response = self.run(self._get_body(key))
+        except Exception as error:
+            if _is_missing(error):
+                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+            raise
+        if not isinstance(body, io.BytesIO):
+            reader = _StreamingReader(self.loop, body, prefetch=4 * _READ_CHUNK)
+            body = io.BufferedReader(reader, buffer_size=_READ_CHUNK)
+        return body, response
+
+    def put(self, key, data, metadata=None):
+        extra = {"Metadata": metadata} if metadata else {}
+        return self.call("put_object", Key=key, Body=data, **extra)
+
+    def head(self, key):
+        """HEAD one key: its response, or None when it does not exist."""
+        try:
+            return self.call("head_object", Key=key)
+        except Exception as error:
+            if _is_missing(error):
+                return None
+            raise
+
+    def any_under(self, prefix):
+        """Whether any object's key starts with prefix (one request)."""
+        page = self.call("list_objects_v2", Prefix=prefix, MaxKeys=1)
+        return bool(page.get("KeyCount", 0))
+
+    def list(self, prefix):
+        """Every object under a key prefix, one request per 1000 keys."""
+        objects = []
+        kwargs = {"Prefix": prefix, "MaxKeys": _LIST_PAGE}
+        while True:
+            page = self.call("list_objects_v2", **kwargs)
+            objects.extend(page.get("Contents", ()))
+            if not page.get("IsTruncated"):
+                return objects
+            kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def delete(self, keys):
+        """Delete keys, 1000 per request; a missing key is not an error."""
+        keys = list(keys)
+        for start in range(0, len(keys), _DELETE_BATCH):
+            batch = keys[start:start + _DELETE_BATCH]
+            response = self.call(
+                "delete_objects",
+                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
+            )
+            errors = response.get("Errors") or []
+            if errors:
+                first = errors[0]
+                raise OSError(
+                    f"could not delete {len(errors)} of {len(batch)} objects in "
+                    f"s3://{self.bucket}, first {self.url(first.get('Key'))}: "
+                    f"{first.get('Code')} {first.get('Message')}"
+                )
+
+    def copy(self, source_key, key, **kwargs):
+        """Copy an object inside the bucket (no byte leaves S3)."""
+        return self.call(
+            "copy_object", Key=key,
+            CopySource={"Bucket": self.bucket, "Key": source_key}, **kwargs
+        )
+
+    # -------------------------------------------------------------- warnings
+
+    def warn_failure(self, operation, error, stacklevel=4):
+        """Warn once per kind of failure; the computation goes on."""
+        kind = (operation, "unreachable" if _is_unreachable(error) else type(error).__name__)
+        if kind in self._warned:
+            return
+        self._warned.add(kind)
+        warnings.warn(
+            f"joblib_store could not {operation} in {self.location} (endpoint "
+            f"{self.endpoint}): {type(error).__name__}: {error}. The result "
+            f"is still computed and returned.",
+            CacheWarning,
+            stacklevel=stacklevel,
+        )
+
+# --------------------------------------------------------------------------
+# 5. Transfers: results stream to and from S3 as they are pickled and
+# unpickled, with bounded memory. Byte ranges, parts and their concurrency
+# live here and nowhere else.
+# --------------------------------------------------------------------------
+
+# S3 takes up to 5 GiB per part and 10 000 parts per upload.
+_MAX_PART_SIZE = 5 * 2**30
+_MAX_PARTS = 10_000
+# Part sizes double every 1000 parts, so that 8 MiB parts still reach
+# several TiB within S3's part count, while small results stay cheap.
+_PARTS_PER_SIZE = 1000
+_ZLIB_STEP = 1 * _MiB  # bytes compressed or inflated per zlib call
+_INFLATE_AHEAD = 8  # inflated steps kept ready for the unpickler
+_ZLIB_PREFIX = b"\x78"  # how joblib recognises a zlib-compressed pickle
 
 
-def _loading_first(name):
-    method = getattr(dict, name)
+def _zlib_level(compress):
+    """The zlib level joblib would use for compress, or None if not zlib."""
+    if compress is True:
+        return 3  # joblib's default level for zlib
+    if isinstance(compress, tuple):
+        method, level = compress
+        if method == "zlib" and level:
+            return level
+        return 3 if method == "zlib" and level is None else None
+    if compress == "zlib":
+        return 3
+    if isinstance(compress, int) and not isinstance(compress, bool) and compress > 0:
+        return compress
+    return None
 
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        self._load()
-        return method(self, *args, **kwargs)
 
-    return wrapper
+def _dump(item, writer, compress):
+    """Pickle item into writer as joblib would with compress.
+
+    zlib is done here, a step at a time, so compressing overlaps the upload;
+    other methods are joblib's own.
+    """
+    zlib_level = _zlib_level(compress)
+    if zlib_level is None:
+        numpy_pickle.dump(item, writer, compress=compress)
+    else:
+        deflating = _DeflatingWriter(writer, zlib_level)
+        numpy_pickle.dump(item, deflating, compress=0)
+        deflating.finish()
 
 
-for _name in (
-    "__getitem__", "__contains__", "__iter__", "__len__", "__repr__",
-    "__eq__", "__ne__", "__setitem__", "__delitem__", "get", "keys",
-    "values", "items", "copy", "update", "setdefault", "pop", "popitem",
-    "clear",
-):
-    setattr(_LazyMetadata, _name, _loading_first(_name))
-del _name
+def _load(stream):
+    """Unpickle a result from a stream; a large zlib one inflates aside."""
+    if isinstance(stream, io.BufferedReader) and stream.peek(1)[:1] == _ZLIB_PREFIX:
+        stream = io.BufferedReader(_InflatingReader(stream), buffer_size=_MiB)
+    with stream:
+        return numpy_pickle.load(stream)
 
 
 class _StreamingReader(io.RawIOBase):
@@ -609,9 +1023,9 @@ class _MultipartWriter(io.RawIOBase):
     aborts it, so no parts are left billed.
     """
 
-    def __init__(self, store, key, part_size, max_concurrency, metadata=None):
+    def __init__(self, client, key, part_size, max_concurrency, metadata=None):
         super().__init__()
-        self._store = store
+        self._client = client
         self._key = key
         self._metadata = {"Metadata": metadata} if metadata else {}
         self._part_size = part_size
@@ -654,9 +1068,9 @@ class _MultipartWriter(io.RawIOBase):
         return data
 
     def _send_part(self):
-        store = self._store
+        client = self._client
         if self._upload_id is None:
-            response = store._call(
+            response = client.call(
                 "create_multipart_upload", Key=self._key, **self._metadata
             )
             self._upload_id = response["UploadId"]
@@ -673,7 +1087,7 @@ class _MultipartWriter(io.RawIOBase):
         while self._in_flight and self._in_flight_bytes + len(data) > budget:
             self._finish_oldest_part()
         self._parts.append(None)
-        future = store._submit(
+        future = client.submit(
             "upload_part",
             Key=self._key,
             UploadId=self._upload_id,
@@ -698,7 +1112,7 @@ class _MultipartWriter(io.RawIOBase):
             return
         try:
             if self._upload_id is None:
-                self._store._call(
+                self._client.call(
                     "put_object",
                     Key=self._key,
                     Body=self._take_buffer() if self._chunks else b"",
@@ -709,7 +1123,7 @@ class _MultipartWriter(io.RawIOBase):
                     self._send_part()
                 while self._in_flight:
                     self._finish_oldest_part()
-                self._store._call(
+                self._client.call(
                     "complete_multipart_upload",
                     Key=self._key,
                     UploadId=self._upload_id,
@@ -736,18 +1150,239 @@ class _MultipartWriter(io.RawIOBase):
         self._in_flight.clear()
         if self._upload_id is not None:
             try:
-                self._store._call(
+                self._client.call(
                     "abort_multipart_upload", Key=self._key, UploadId=self._upload_id
                 )
             except Exception as error:
-                self._store._warn_cache_failure("abort a multipart upload", error)
+                self._client.warn_failure("abort a multipart upload", error)
 
 
-# Buckets this process has already checked, and the filesystem each was
-# reached with, so that a backend configured from a location alone (joblib
-# does that) reaches the cache the same way as the first one.
-_CHECKED_BUCKETS = set()
-_FILESYSTEM_BY_BUCKET = {}
+# --------------------------------------------------------------------------
+# 6. Local copies of results, and access records. Each is a small part the
+# store owns; neither knows about joblib.
+# --------------------------------------------------------------------------
+
+
+def _version_of(response):
+    """The name of the result version in a HEAD or GET response."""
+    version = (response.get("Metadata") or {}).get(_CONTENT_ID) or response["ETag"]
+    return re.sub(r"[^A-Za-z0-9-]", "", version)
+
+
+def _remove_quietly(path):
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+class _LocalCopies:
+    """Local files holding results, for memory-mapped and read-through hits.
+
+    A copy is used only while it is the object S3 holds now: its name is the
+    result's version, which every existence check returns, so a rewritten
+    result is downloaded again. Downloads go to a temporary name first, so no
+    half-written file is ever mapped. The copies take at most ``bytes_limit``
+    bytes, the least recently used going first.
+    """
+
+    def __init__(self, client, folder, bytes_limit):
+        self.client = client
+        self.folder = folder
+        self.bytes_limit = bytes_limit
+
+    def fetch(self, key, head, report):
+        """The path of a local copy of the object at key, and its headers.
+
+        Parameters
+        ----------
+        key : str
+        head : dict
+            A response to a HEAD (or GET) of key, made just now.
+        report : callable
+            ``report(size, started)`` is called after a download.
+        """
+        folder = self._folder(key)
+        path = os.path.join(folder, _version_of(head) + ".pkl")
+        if os.path.exists(path):
+            os.utime(path)  # the local copies are evicted least recently used
+            return path, head
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        started = time.perf_counter()
+        stream, response = self.client.get(key)
+        # Named after what was downloaded, should it have changed since.
+        path = os.path.join(folder, _version_of(response) + ".pkl")
+        partial = f"{path}.{uuid.uuid4().hex}.part"
+        try:
+            with stream, open(partial, "wb") as local_file:
+                shutil.copyfileobj(stream, local_file, _MiB)
+            os.replace(partial, path)
+        finally:
+            if os.path.exists(partial):
+                os.unlink(partial)
+        report(response.get("ContentLength", 0), started)
+        for name in os.listdir(folder):
+            if name != os.path.basename(path) and not name.endswith(".part"):
+                _remove_quietly(os.path.join(folder, name))
+        self.evict(keep=path)
+        return path, response
+
+    def _folder(self, key):
+        where = f"{self.client.endpoint}\n{self.client.bucket}\n{key}".encode("utf-8")
+        return os.path.join(self.folder, hashlib.sha256(where).hexdigest()[:32])
+
+    def evict(self, keep=None):
+        """Keep the local copies under the bytes limit, LRU first."""
+        copies = []
+        with os.scandir(self.folder) as folders:
+            for folder in folders:
+                if not folder.is_dir():
+                    continue
+                with os.scandir(folder.path) as files:
+                    for entry in files:
+                        if entry.name.endswith(".pkl"):
+                            stat = entry.stat()
+                            copies.append((stat.st_mtime, stat.st_size, entry.path))
+        total = sum(size for _, size, _ in copies)
+        for _, size, path in sorted(copies):
+            if total <= self.bytes_limit:
+                break
+            if path != keep:
+                _remove_quietly(path)
+                total -= size
+
+    def drop(self, keys):
+        """Forget the copies of the results at keys (they were deleted)."""
+        for key in keys:
+            if key.endswith("/" + OUTPUT):
+                shutil.rmtree(self._folder(key), ignore_errors=True)
+
+
+_RECORDABLE = 5 * 2**30  # CopyObject's limit: larger results keep their write time
+
+
+class _AccessRecords:
+    """Note in S3 when results are used, for least-recently-used eviction.
+
+    S3 keeps no access time, so a hit refreshes the result's LastModified by
+    copying the object onto itself, inside S3 (no byte travels), in the
+    background, at most once per ``interval`` seconds: the GET that loaded
+    the result tells when it last changed. Listing then gives every result's
+    last access for free, and results written by anything else count as
+    accessed when written. The copy is made only if the object is still the
+    one loaded (its ETag).
+    """
+
+    def __init__(self, client, interval):
+        self.client = client
+        self.interval = interval
+
+    def record(self, key, response):
+        """Record a hit on the result at key, loaded with response, if due."""
+        last_modified = response.get("LastModified")
+        size = response.get("ContentLength", 0)
+        if last_modified is None or size > _RECORDABLE:
+            return
+        if time.time() - last_modified.timestamp() < self.interval:
+            return
+        metadata = dict(response.get("Metadata") or {})
+        metadata["joblib-store-accessed"] = str(int(time.time()))
+        future = self.client.submit(
+            "copy_object",
+            Key=key,
+            CopySource={"Bucket": self.client.bucket, "Key": key},
+            CopySourceIfMatch=response["ETag"],
+            MetadataDirective="REPLACE",
+            Metadata=metadata,
+            ContentType=response.get("ContentType") or "binary/octet-stream",
+        )
+        _track_background_request(future)
+
+
+_BACKGROUND_REQUESTS = set()
+_BACKGROUND_LOCK = threading.Lock()
+_EXIT_WAIT_REGISTERED = False
+_EXIT_WAIT = 5.0  # seconds the interpreter waits at exit for access records
+
+
+def _track_background_request(future):
+    """Keep a request that nobody waits for, so that exit waits for it."""
+    global _EXIT_WAIT_REGISTERED
+    with _BACKGROUND_LOCK:
+        if not _EXIT_WAIT_REGISTERED:
+            import atexit
+
+            atexit.register(_wait_for_background_requests)
+            _EXIT_WAIT_REGISTERED = True
+        _BACKGROUND_REQUESTS.add(future)
+
+    def forget(done):
+        with _BACKGROUND_LOCK:
+            _BACKGROUND_REQUESTS.discard(done)
+        if not done.cancelled():
+            done.exception()  # a lost access record is not worth a warning
+
+    future.add_done_callback(forget)
+
+
+def _wait_for_background_requests(timeout=_EXIT_WAIT):
+    """Wait for pending access records (at exit, or in tests)."""
+    import concurrent.futures
+
+    with _BACKGROUND_LOCK:
+        pending = list(_BACKGROUND_REQUESTS)
+    concurrent.futures.wait(pending, timeout=timeout)
+
+# --------------------------------------------------------------------------
+# 7. The store: joblib's StoreBackendBase and StoreBackendMixin on top of
+# the parts above.
+# --------------------------------------------------------------------------
+
+_BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
+
+
+class _LazyMetadata(dict):
+    """The metadata of one cached call, downloaded when first read.
+
+    joblib asks for an item's metadata on every cache hit but reads it only
+    when a ``cache_validation_callback`` is set, so a hit without one costs
+    no request for it. It behaves as a plain dict, and pickles as one.
+    """
+
+    def __init__(self, fetch):
+        super().__init__()
+        self._fetch = fetch
+
+    def _load(self):
+        fetch, self._fetch = self._fetch, None
+        if fetch is not None:
+            dict.update(self, fetch())
+
+    def __reduce__(self):
+        self._load()
+        return dict, (dict(self.items()),)
+
+
+def _loading_first(name):
+    method = getattr(dict, name)
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        self._load()
+        return method(self, *args, **kwargs)
+
+    return wrapper
+
+
+for _name in (
+    "__getitem__", "__contains__", "__iter__", "__len__", "__repr__",
+    "__eq__", "__ne__", "__setitem__", "__delitem__", "get", "keys",
+    "values", "items", "copy", "update", "setdefault", "pop", "popitem",
+    "clear",
+):
+    setattr(_LazyMetadata, _name, _loading_first(_name))
+del _name
+
 
 
 class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
@@ -762,7 +1397,6 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     verbose = 0
     compress = False
     mmap_mode = None
-    _offline_until = 0.0
 
     # ---------------------------------------------------------------- setup
 
@@ -786,329 +1420,88 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             ``max_concurrency`` (parts' worth of bytes in flight, default 3);
             ``access_interval`` (seconds or a timedelta, default one hour:
             how stale a result's last-access time may get before a hit
-            records it again; see ``_record_access``); ``local_cache_dir``, a
+            records it again; see ``_AccessRecords``); ``local_cache_dir``, a
             folder for local copies of results (used for every hit when given,
             and for memory-mapped hits, under ``$XDG_CACHE_HOME/joblib_store``
             by default, when ``mmap_mode`` is set); ``local_cache_bytes_limit``
             (default 10 GiB, or a string such as '500M'); and joblib's own
             ``compress`` and ``mmap_mode``.
         """
-        options = dict(backend_options or {})
-        compress = options.pop("compress", False)
-        mmap_mode = options.pop("mmap_mode", None)
-        bucket = options.pop("bucket", None)
-        fs = options.pop("fs", None)
-        storage_options = options.pop("storage_options", None) or {}
-        create_bucket = options.pop("create_bucket", False)
-        part_size = options.pop("part_size", DEFAULT_PART_SIZE)
-        max_concurrency = options.pop("max_concurrency", DEFAULT_MAX_CONCURRENCY)
-        access_interval = options.pop("access_interval", DEFAULT_ACCESS_INTERVAL)
-        local_cache_dir = options.pop("local_cache_dir", None)
-        local_cache_bytes_limit = options.pop(
-            "local_cache_bytes_limit", DEFAULT_LOCAL_CACHE_BYTES_LIMIT
-        )
-
-        unknown = sorted(set(options) - _s3fs_option_names())
-        if unknown:
-            valid = sorted(
-                set(_STORE_OPTIONS) | set(_JOBLIB_OPTIONS) | _s3fs_option_names()
-            )
-            raise TypeError(
-                f"unknown backend_options for the S3 store: {', '.join(unknown)}. "
-                f"Valid options are: {', '.join(valid)}"
-            )
-        if not isinstance(storage_options, dict):
-            raise TypeError(
-                f"storage_options must be a dict, not {type(storage_options).__name__}"
-            )
-        storage_options = {**storage_options, **options}
-        if fs is not None and storage_options:
-            raise TypeError(
-                "give either a ready S3FileSystem as fs, or options to build "
-                f"one ({', '.join(sorted(storage_options))}), not both"
-            )
-        if fs is not None and not isinstance(fs, _s3fs().S3FileSystem):
-            raise TypeError(f"fs must be an s3fs.S3FileSystem, not {type(fs).__name__}")
-        _check_compress(compress)
-        if mmap_mode not in _MMAP_MODES:
-            raise ValueError(
-                f"mmap_mode={mmap_mode!r} is not valid: use one of {_MMAP_MODES}"
-            )
-        _check_positive_int("part_size", part_size, _MIN_PART_SIZE)
-        _check_positive_int("max_concurrency", max_concurrency, 1)
-        if isinstance(access_interval, datetime.timedelta):
-            access_interval = access_interval.total_seconds()
-        if isinstance(access_interval, bool) or not isinstance(access_interval, (int, float)):
-            raise TypeError(
-                f"access_interval must be seconds or a timedelta, not "
-                f"{type(access_interval).__name__}"
-            )
-        if access_interval < 0:
-            raise ValueError(f"access_interval={access_interval} must not be negative")
-        if isinstance(local_cache_bytes_limit, str):
-            local_cache_bytes_limit = memstr_to_bytes(local_cache_bytes_limit)
-        _check_positive_int("local_cache_bytes_limit", local_cache_bytes_limit, 0)
-        if local_cache_dir is not None:
-            local_cache_dir = os.fspath(local_cache_dir)
-        elif mmap_mode is not None:
-            cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-                os.path.expanduser("~"), ".cache"
-            )
-            local_cache_dir = os.path.join(cache_home, "joblib_store")
-        bucket, prefix = _parse_location(location, bucket)
-
-        if fs is None:
-            if storage_options:
-                fs = _make_filesystem(storage_options)
-            elif self.location is not None and self.bucket == bucket:
-                fs = self.fs  # configure(store.location) keeps the store as is
-            else:
-                fs = _FILESYSTEM_BY_BUCKET.get(bucket) or _make_filesystem({})
-
-        self.bucket = bucket
-        self.prefix = prefix
-        self.location = f"s3://{bucket}/{prefix}"
-        self.fs = fs
-        self.compress = compress
-        self.mmap_mode = mmap_mode
+        options = _StoreOptions.parse(location, backend_options)
+        client = _BucketClient.for_options(options, self.__dict__.get("_client"))
+        client.check_bucket(options.prefix, options.create_bucket)
+        self.options = options
+        self.location = options.location
+        self.compress = options.compress
+        self.mmap_mode = options.mmap_mode
         self.verbose = verbose
-        self.part_size = part_size
-        self.max_concurrency = max_concurrency
-        self.access_interval = access_interval
-        self.local_cache_dir = local_cache_dir
-        self.local_cache_bytes_limit = local_cache_bytes_limit
-        self._warned = set()
-        self._check_bucket(create_bucket)
-        _FILESYSTEM_BY_BUCKET[bucket] = fs
+        self._client = client
+        self._local_copies = None
+        if options.local_cache_dir is not None:
+            self._local_copies = _LocalCopies(
+                client, options.local_cache_dir, options.local_cache_bytes_limit
+            )
+        self._access_records = _AccessRecords(client, options.access_interval)
 
-    def _check_bucket(self, create_bucket):
-        """Fail early and clearly when the bucket cannot be used."""
-        checked = (self.endpoint, self.bucket)
-        if checked in _CHECKED_BUCKETS:
-            return
-        try:
-            self._call("head_bucket", timeout=_BUCKET_CHECK_TIMEOUT)
-        except Exception as error:
-            if _is_missing(error) and create_bucket:
-                self._create_bucket()
-            else:
-                raise self._configure_error(error) from None
-        _CHECKED_BUCKETS.add(checked)
+    @property
+    def bucket(self):
+        return self.options.bucket
 
-    def _create_bucket(self):
-        region = self.fs.s3.meta.region_name
-        configuration = {}
-        if region and region != "us-east-1":
-            configuration = {
-                "CreateBucketConfiguration": {"LocationConstraint": region}
-            }
-        try:
-            self._call("create_bucket", **configuration)
-        except Exception as error:
-            raise self._configure_error(error) from None
+    @property
+    def prefix(self):
+        return self.options.prefix
 
-    def _configure_error(self, error):
-        where = f"bucket {self.bucket!r} at endpoint {self.endpoint}"
-        if _is_missing(error):
-            return FileNotFoundError(
-                f"{where} does not exist: create it (for example with "
-                f"'aws s3 mb s3://{self.bucket}'), correct the name, or pass "
-                f"backend_options={{'create_bucket': True}}"
-            )
-        if _is_denied(error):
-            return PermissionError(
-                f"access to {where} is denied: use credentials that may list "
-                f"and write s3://{self.bucket}/{self.prefix} (an AWS profile, "
-                f"the AWS_* environment variables, or the key and secret options)"
-            )
-        if _is_no_credentials(error):
-            return PermissionError(
-                f"no AWS credentials were found for {where}: set "
-                f"AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, use a profile, "
-                f"or pass anon=True for a public bucket"
-            )
-        if _is_unreachable(error):
-            return ConnectionError(
-                f"cannot reach {where}: check endpoint_url (or "
-                f"AWS_ENDPOINT_URL) and that the server is up"
-            )
-        return OSError(f"cannot use {where}: {error}")
+    @property
+    def fs(self):
+        """The s3fs filesystem that carries the requests."""
+        return self._client.fs
 
     @property
     def endpoint(self):
         """The URL requests go to (never with credentials)."""
-        try:
-            return self.fs.s3.meta.endpoint_url
-        except Exception:
-            return self.fs.endpoint_url or "the default AWS endpoint"
+        return self._client.endpoint
 
     def __getstate__(self):
-        # The filesystem pickles as its options (fsspec re-creates it), so the
-        # store works in a joblib worker without being configured again.
         state = self.__dict__.copy()
-        state["_warned"] = set()
-        state["_offline_until"] = 0.0
         state.pop("_heads", None)
         return state
 
-    # ------------------------------------------------------------- requests
+    # ------------------------------------------------------- failure policy
 
-    async def _request(self, method, **kwargs):
-        client = await self.fs.set_session()
-        bound = getattr(client, method)
-        # s3fs adds its s3_additional_kwargs (encryption, requester pays) to
-        # every request, keeping only those this method accepts.
-        kwargs = self.fs._get_s3_method_kwargs(bound, Bucket=self.bucket, **kwargs)
-        return await bound(**kwargs)
+    def _on_failure(self, operation, error):
+        """Apply the failure policy to a failed S3 operation.
 
-    def _run(self, coroutine, timeout=None):
-        """Run a coroutine on s3fs's loop, pausing requests while offline.
-
-        After the endpoint proved unreachable (botocore has already retried),
-        requests fail at once for a few seconds instead of each waiting out
-        its own retries, so that an outage slows a computation only once.
+        A cached call never fails because of the store: whatever the store
+        could not do (check, store, clear) is skipped with a CacheWarning,
+        once per kind of failure, and the call computes and returns its
+        result. Every path of the store that meets a failure comes here.
         """
-        if time.monotonic() < self._offline_until:
-            coroutine.close()
-            raise ConnectionError(f"the S3 endpoint {self.endpoint} was unreachable moments ago")
-        if timeout is not None:
-            coroutine = asyncio.wait_for(coroutine, timeout)
-        try:
-            result = asyncio.run_coroutine_threadsafe(coroutine, self.fs.loop).result()
-        except Exception as error:
-            if _is_unreachable(error):
-                self._offline_until = time.monotonic() + _OFFLINE_PAUSE
-            raise
-        if self._offline_until:
-            # Back online: warn again about the next outage.
-            self._offline_until = 0.0
-            self._warned.clear()
-        return result
+        self._client.warn_failure(operation, error)
 
-    def _submit(self, method, **kwargs):
-        """Start one S3 request on s3fs's loop; return a concurrent future."""
-        return asyncio.run_coroutine_threadsafe(
-            self._request(method, **kwargs), self.fs.loop
-        )
+    # ---------------------------------------------------------------- keys
 
-    def _call(self, method, timeout=None, **kwargs):
-        """Make one S3 request and wait for its response."""
-        return self._run(self._request(method, **kwargs), timeout=timeout)
-
-    async def _get_body(self, key):
-        response = await self._request("get_object", Key=key)
-        body = response.pop("Body")
-        if response.get("ContentLength", 0) <= _SMALL_OBJECT:
-            try:
-                return io.BytesIO(await body.read()), response
-            finally:
-                body.close()
-        return body, response
-
-    def _get(self, key, with_response=False):
-        """Open one object for reading with a single GET.
-
-        A small object is read at once; a large one is streamed. A missing
-        key raises FileNotFoundError. With ``with_response``, also return
-        the response's headers (size, ETag, LastModified, Metadata).
-        """
-        try:
-            body, response = self._run(self._get_body(key))
-        except Exception as error:
-            if _is_missing(error):
-                raise FileNotFoundError(f"s3://{self.bucket}/{key} does not exist") from None
-            raise
-        if not isinstance(body, io.BytesIO):
-            reader = _StreamingReader(self.fs.loop, body, prefetch=4 * _READ_CHUNK)
-            body = io.BufferedReader(reader, buffer_size=_READ_CHUNK)
-        return (body, response) if with_response else body
-
-    def _put(self, key, data):
-        self._call("put_object", Key=key, Body=data)
-
-    def _head(self, key):
-        """HEAD one key: its response, or None when it does not exist."""
-        try:
-            return self._call("head_object", Key=key)
-        except Exception as error:
-            if _is_missing(error):
-                return None
-            raise
-
-    def _list(self, prefix):
-        """Every object under a key prefix, one request per 1000 keys."""
-        objects = []
-        kwargs = {"Prefix": prefix, "MaxKeys": _LIST_PAGE}
-        while True:
-            page = self._call("list_objects_v2", **kwargs)
-            objects.extend(page.get("Contents", ()))
-            if not page.get("IsTruncated"):
-                return objects
-            kwargs["ContinuationToken"] = page["NextContinuationToken"]
-
-    def _delete(self, keys):
-        """Delete keys, 1000 per request; a missing key is not an error.
-
-        Local copies of deleted results go too.
-        """
-        keys = list(keys)
-        self._drop_local_copies(keys)
-        for start in range(0, len(keys), _DELETE_BATCH):
-            batch = keys[start:start + _DELETE_BATCH]
-            response = self._call(
-                "delete_objects",
-                Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
-            )
-            errors = response.get("Errors") or []
-            if errors:
-                first = errors[0]
-                raise OSError(
-                    f"could not delete {len(errors)} of {len(batch)} objects in "
-                    f"s3://{self.bucket}, first s3://{self.bucket}/{first.get('Key')}: "
-                    f"{first.get('Code')} {first.get('Message')}"
-                )
-
-    def _warn_cache_failure(self, operation, error):
-        """Warn once per kind of failure; the computation goes on."""
-        kind = (operation, "unreachable" if _is_unreachable(error) else type(error).__name__)
-        if kind in self._warned:
-            return
-        self._warned.add(kind)
-        warnings.warn(
-            f"joblib_store could not {operation} in {self.location} (endpoint "
-            f"{self.endpoint}): {type(error).__name__}: {error}. The result "
-            f"is still computed and returned.",
-            CacheWarning,
-            stacklevel=3,
-        )
-
-    # ---------------------------------------------------------------- paths
-
-    def _key(self, path, *names):
-        """The key of a joblib path: a URL in the store, or a call id."""
-        if isinstance(path, str):
-            parts = [path]
-        else:
-            parts = [self.location, *path]
-        key = posixpath.join(*parts, *names)
+    def _key_of_url(self, url):
+        """The key of an object named by its URL in this bucket."""
         store_root = f"s3://{self.bucket}/"
-        if key.startswith(store_root):
-            key = key[len(store_root):]
-        return key
+        if not url.startswith(store_root):
+            raise ValueError(f"{url!r} is not in s3://{self.bucket}")
+        return url[len(store_root):]
 
-    def _url(self, key):
-        return f"s3://{self.bucket}/{key}"
+    def _key_of_call(self, call_id, *names):
+        """The key of a file of a cached call (or function), by joblib's id."""
+        return posixpath.join(self.prefix, *call_id, *names)
 
     # ----------------------------------------- StoreBackendBase primitives
 
     def _open_item(self, f, mode):
         """Open the object at a URL for reading ('rb') or writing ('wb')."""
         if mode == "rb":
-            return self._get(self._key(f))
+            return self._client.get(self._key_of_url(f))[0]
         if mode == "wb":
             return io.BufferedWriter(
                 _MultipartWriter(
-                    self, self._key(f), self.part_size, self.max_concurrency
+                    self._client, self._key_of_url(f),
+                    self.options.part_size, self.options.max_concurrency,
                 ),
                 buffer_size=_MiB,
             )
@@ -1116,20 +1509,17 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def _item_exists(self, location):
         """Whether the object at a location, or any under a folder, exists."""
-        key = self._key(location).rstrip("/")
+        return self._key_exists(self._key_of_url(location).rstrip("/"))
+
+    def _key_exists(self, key):
         if posixpath.basename(key) in (OUTPUT, METADATA, FUNC_CODE):
-            return self._head(key) is not None
-        page = self._call("list_objects_v2", Prefix=key + "/", MaxKeys=1)
-        return bool(page.get("KeyCount", 0))
+            return self._client.head(key) is not None
+        return self._client.any_under(key + "/")
 
     def _move_item(self, src, dst):
         """S3 has no rename: copy then delete (only for joblib's own callers)."""
-        src_key, dst_key = self._key(src), self._key(dst)
-        self._call(
-            "copy_object",
-            Key=dst_key,
-            CopySource={"Bucket": self.bucket, "Key": src_key},
-        )
+        src_key, dst_key = self._key_of_url(src), self._key_of_url(dst)
+        self._client.copy(src_key, dst_key)
         self._delete([src_key])
 
     def create_location(self, location):
@@ -1137,8 +1527,17 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def clear_location(self, location):
         """Delete every object under a location."""
-        prefix = self._key(location).rstrip("/") + "/"
-        self._delete(obj["Key"] for obj in self._list(prefix))
+        self._clear_prefix(self._key_of_url(location).rstrip("/"))
+
+    def _clear_prefix(self, key_prefix):
+        self._delete(obj["Key"] for obj in self._client.list(key_prefix + "/"))
+
+    def _delete(self, keys):
+        """Delete keys, and the local copies of the results among them."""
+        keys = list(keys)
+        if self._local_copies is not None:
+            self._local_copies.drop(keys)
+        self._client.delete(keys)
 
     def get_items(self):
         """Every cached result, as ``CacheItemInfo(path, size, last_access)``.
@@ -1150,7 +1549,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     def _list_items(self):
         """Cached results and their keys, from one listing of the cache."""
         folders = collections.defaultdict(list)
-        for obj in self._list(self.prefix + "/"):
+        for obj in self._client.list(self.prefix + "/"):
             folder, _, name = obj["Key"].rpartition("/")
             if _ARGS_ID.fullmatch(posixpath.basename(folder)) and name in _ITEM_NAMES:
                 folders[folder].append(obj)
@@ -1159,7 +1558,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             size = sum(obj["Size"] for obj in objects)
             written = max(obj["LastModified"] for obj in objects)
             last_access = datetime.datetime.fromtimestamp(written.timestamp())
-            item = CacheItemInfo(self._url(folder), size, last_access)
+            item = CacheItemInfo(self._client.url(folder), size, last_access)
             items.append((item, [obj["Key"] for obj in objects]))
         return items
 
@@ -1169,13 +1568,13 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def contains_item(self, call_id):
         # One HEAD of the result; a missing key is a miss, never a listing.
-        key = self._key(call_id, OUTPUT)
+        key = self._key_of_call(call_id, OUTPUT)
         try:
-            head = self._head(key)
+            head = self._client.head(key)
         except Exception as error:
-            self._warn_cache_failure("check the cache", error)
+            self._on_failure("check the cache", error)
             return False
-        if head is not None and self.local_cache_dir is not None:
+        if head is not None and self._local_copies is not None:
             # The load that follows checks its local copy against this.
             self._remember_head(key, head)
         return head is not None
@@ -1198,104 +1597,31 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         # No existence check before the GET: contains_item has just made it,
         # and a 404 says the same. (A local copy is checked against the
         # version that check returned.)
-        key = self._key(call_id, OUTPUT)
+        key = self._key_of_call(call_id, OUTPUT)
         started = time.perf_counter()
-        if self.local_cache_dir is not None:
-            path, response = self._local_copy(key)
-            item = numpy_pickle.load(path, mmap_mode=self.mmap_mode)
-            self._record_access(key, response)
-            return item
         try:
-            stream, response = self._get(key, with_response=True)
+            if self._local_copies is not None:
+                head = self._fresh_head(key) or self._client.head(key)
+                if head is None:
+                    raise FileNotFoundError(key)
+                path, response = self._local_copies.fetch(
+                    key, head, functools.partial(self._report_transfer, "Loaded", key=key)
+                )
+                item = numpy_pickle.load(path, mmap_mode=self.mmap_mode)
+            else:
+                stream, response = self._client.get(key)
+                item = _load(stream)
+                self._report_transfer(
+                    "Loaded", response.get("ContentLength", 0), started, key
+                )
         except FileNotFoundError:
-            raise self._missing_item(key) from None
-        if isinstance(stream, io.BufferedReader) and stream.peek(1)[:1] == _ZLIB_PREFIX:
-            # A large zlib-compressed result: inflate it in parallel.
-            stream = io.BufferedReader(_InflatingReader(stream), buffer_size=_MiB)
-        with stream:
-            item = numpy_pickle.load(stream)
-        self._report_transfer("Loaded", response.get("ContentLength", 0), started, key)
-        self._record_access(key, response)
+            # The words of joblib's own backend.
+            raise KeyError(
+                f"Non-existing item (may have been cleared).\n"
+                f"File {self._client.url(key)} does not exist"
+            ) from None
+        self._access_records.record(key, response)
         return item
-
-    def _missing_item(self, key):
-        # The words of joblib's own backend.
-        return KeyError(
-            f"Non-existing item (may have been cleared).\n"
-            f"File {self._url(key)} does not exist"
-        )
-
-    def _local_copy(self, key):
-        """A local file holding the current result at key, and its headers.
-
-        The copy is used only while it is the object S3 holds now: its name
-        is the version that the existence check just read (no extra
-        request), so a rewritten result is downloaded again. Downloads go to
-        a temporary name first, so no half-written file is ever mapped.
-        """
-        head = self._fresh_head(key) or self._head(key)
-        if head is None:
-            raise self._missing_item(key)
-        folder = self._local_folder(key)
-        path = os.path.join(folder, _version_of(head) + ".pkl")
-        if os.path.exists(path):
-            os.utime(path)  # the local copies are evicted least recently used
-            return path, head
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        started = time.perf_counter()
-        try:
-            stream, response = self._get(key, with_response=True)
-        except FileNotFoundError:
-            raise self._missing_item(key) from None
-        # Named after what was downloaded, should it have changed since.
-        path = os.path.join(folder, _version_of(response) + ".pkl")
-        partial = f"{path}.{uuid.uuid4().hex}.part"
-        try:
-            with stream, open(partial, "wb") as local_file:
-                shutil.copyfileobj(stream, local_file, _MiB)
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-        self._report_transfer("Loaded", response.get("ContentLength", 0), started, key)
-        for name in os.listdir(folder):
-            if name != os.path.basename(path) and not name.endswith(".part"):
-                _remove_quietly(os.path.join(folder, name))
-        self._evict_local_copies(keep=path)
-        return path, response
-
-    def _local_folder(self, key):
-        import hashlib
-
-        where = f"{self.endpoint}\n{self.bucket}\n{key}".encode("utf-8")
-        return os.path.join(self.local_cache_dir, hashlib.sha256(where).hexdigest()[:32])
-
-    def _evict_local_copies(self, keep=None):
-        """Keep the local copies under local_cache_bytes_limit, LRU first."""
-        copies = []
-        with os.scandir(self.local_cache_dir) as folders:
-            for folder in folders:
-                if not folder.is_dir():
-                    continue
-                with os.scandir(folder.path) as files:
-                    for entry in files:
-                        if entry.name.endswith(".pkl"):
-                            stat = entry.stat()
-                            copies.append((stat.st_mtime, stat.st_size, entry.path))
-        total = sum(size for _, size, _ in copies)
-        for _, size, path in sorted(copies):
-            if total <= self.local_cache_bytes_limit:
-                break
-            if path != keep:
-                _remove_quietly(path)
-                total -= size
-
-    def _drop_local_copies(self, keys):
-        if self.local_cache_dir is None:
-            return
-        for key in keys:
-            if key.endswith("/" + OUTPUT):
-                shutil.rmtree(self._local_folder(key), ignore_errors=True)
 
     def _report_transfer(self, verb, size, started, key):
         # At verbose >= 10, big transfers say how long they took.
@@ -1303,38 +1629,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             elapsed = max(time.perf_counter() - started, 1e-9)
             print(
                 f"[Memory] {verb} {size / _MiB:.1f} MiB in {format_time(elapsed)} "
-                f"({size / _MiB / elapsed:.1f} MiB/s): {self._url(key)}"
+                f"({size / _MiB / elapsed:.1f} MiB/s): {self._client.url(key)}"
             )
-
-    def _record_access(self, key, response):
-        """Note in S3 that a result was just used, if its record is stale.
-
-        S3 keeps no access time, so a hit refreshes the result's
-        LastModified by copying the object onto itself, inside S3 (no byte
-        travels), in the background, at most once per ``access_interval``:
-        the GET that loaded the result tells when it last changed. Listing
-        then gives every result's last access for free, and results written
-        by anything else count as accessed when written. The copy is made
-        only if the object is still the one loaded (its ETag).
-        """
-        last_modified = response.get("LastModified")
-        size = response.get("ContentLength", 0)
-        if last_modified is None or size > _RECORDABLE:
-            return
-        if time.time() - last_modified.timestamp() < self.access_interval:
-            return
-        metadata = dict(response.get("Metadata") or {})
-        metadata["joblib-store-accessed"] = str(int(time.time()))
-        future = self._submit(
-            "copy_object",
-            Key=key,
-            CopySource={"Bucket": self.bucket, "Key": key},
-            CopySourceIfMatch=response["ETag"],
-            MetadataDirective="REPLACE",
-            Metadata=metadata,
-            ContentType=response.get("ContentType") or "binary/octet-stream",
-        )
-        _track_background_request(future)
 
     if _LOAD_ITEM_TAKES_MSG:
         # Breakpoint: joblib < 1.4 passes a path list and a ready message.
@@ -1344,7 +1640,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 if verbose < 10:
                     print(f"{msg}...")
                 else:
-                    print(f"{msg} from {self._url(self._key(path))}")
+                    print(f"{msg} from {self._client.url(self._key_of_call(path))}")
             return self._load_output(path)
 
     else:
@@ -1370,28 +1666,22 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             message = f"[Memory]{elapsed}: Loading {signature}"
             if verbose < 10:
                 return f"{message}..."
-            return f"{message} from {self._url(self._key(call_id))}"
+            return f"{message} from {self._client.url(self._key_of_call(call_id))}"
 
     def dump_item(self, call_id, item, verbose=1):
         # Streamed straight to the final key: no temporary object, no copy.
-        key = self._key(call_id, OUTPUT)
+        key = self._key_of_call(call_id, OUTPUT)
         if verbose > 10:
-            print(f"Persisting in {self._url(posixpath.dirname(key))}")
+            print(f"Persisting in {self._client.url(posixpath.dirname(key))}")
         started = time.perf_counter()
         stream = _MultipartWriter(
-            self, key, self.part_size, self.max_concurrency,
+            self._client, key, self.options.part_size, self.options.max_concurrency,
             # Names this very result, so local copies can tell versions apart
             # (an ETag changes when an access record copies the object).
             metadata={_CONTENT_ID: uuid.uuid4().hex},
         )
         try:
-            zlib_level = _zlib_level(self.compress)
-            if zlib_level is None:
-                numpy_pickle.dump(item, stream, compress=self.compress)
-            else:
-                deflating = _DeflatingWriter(stream, zlib_level)
-                numpy_pickle.dump(item, deflating, compress=0)
-                deflating.finish()
+            _dump(item, stream, self.compress)
             stream.close()
             self._report_transfer("Stored", stream.tell(), started, key)
         except PicklingError as error:
@@ -1404,15 +1694,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             )
         except Exception as error:
             stream.abort()
-            self._warn_cache_failure("store a result", error)
+            self._on_failure("store a result", error)
 
     def get_metadata(self, call_id):
         # Fetched only if read: a hit without a validation callback skips it.
-        key = self._key(call_id, METADATA)
+        key = self._key_of_call(call_id, METADATA)
 
         def fetch():
             try:
-                with self._get(key) as stream:
+                stream, _ = self._client.get(key)
+                with stream:
                     return json.loads(stream.read().decode("utf-8"))
             except Exception:
                 return {}
@@ -1421,57 +1712,58 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def store_metadata(self, call_id, metadata):
         try:
-            self._put(
-                self._key(call_id, METADATA), json.dumps(metadata).encode("utf-8")
+            self._client.put(
+                self._key_of_call(call_id, METADATA), json.dumps(metadata).encode("utf-8")
             )
         except Exception as error:
-            self._warn_cache_failure("store metadata", error)
+            self._on_failure("store metadata", error)
 
     def clear_item(self, call_id):
         # The names are known: one DeleteObjects, no listing.
         try:
-            self._delete(self._key(call_id, name) for name in _ITEM_NAMES)
+            self._delete(self._key_of_call(call_id, name) for name in _ITEM_NAMES)
         except Exception as error:
-            self._warn_cache_failure("clear a result", error)
+            self._on_failure("clear a result", error)
 
     def contains_path(self, call_id):
         # joblib's generic version calls a method that does not exist.
-        return self._item_exists(self._key(call_id))
+        return self._key_exists(self._key_of_call(call_id))
 
     def clear_path(self, call_id):
         # No existence check first: listing an empty prefix answers that.
         try:
-            self.clear_location(self._key(call_id))
+            self._clear_prefix(self._key_of_call(call_id))
         except Exception as error:
-            self._warn_cache_failure("clear a function's results", error)
+            self._on_failure("clear a function's results", error)
 
     def store_cached_func_code(self, call_id, func_code=None):
         # Without code joblib only asks for a folder, which S3 does not need.
         if func_code is None:
             return
         try:
-            self._put(self._key(call_id, FUNC_CODE), func_code.encode("utf-8"))
+            self._client.put(self._key_of_call(call_id, FUNC_CODE), func_code.encode("utf-8"))
         except Exception as error:
-            self._warn_cache_failure("store function code", error)
+            self._on_failure("store function code", error)
 
     def get_cached_func_code(self, call_id):
         # joblib treats any OSError as "no code stored yet", so every failure
         # becomes one: a cache that cannot be read is an empty cache.
-        key = self._key(call_id, FUNC_CODE)
+        key = self._key_of_call(call_id, FUNC_CODE)
         try:
-            with self._get(key) as stream:
+            stream, _ = self._client.get(key)
+            with stream:
                 return stream.read().decode("utf-8")
         except FileNotFoundError:
             raise
         except Exception as error:
-            self._warn_cache_failure("read function code", error)
-            raise OSError(f"cannot read {self._url(key)}: {error}") from error
+            self._on_failure("read function code", error)
+            raise OSError(f"cannot read {self._client.url(key)}: {error}") from error
 
     def clear(self):
         try:
-            self.clear_location(self.location)
+            self._clear_prefix(self.prefix)
         except Exception as error:
-            self._warn_cache_failure("clear the cache", error)
+            self._on_failure("clear the cache", error)
 
     def enforce_store_limits(self, bytes_limit, items_limit=None, age_limit=None):
         """Delete the least recently used results beyond the limits.
@@ -1515,69 +1807,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             self.enforce_store_limits(bytes_limit)
 
 
-def _version_of(response):
-    """The name of the result version in a HEAD or GET response."""
-    version = (response.get("Metadata") or {}).get(_CONTENT_ID) or response["ETag"]
-    return re.sub(r"[^A-Za-z0-9-]", "", version)
-
-
-def _remove_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
-
-
-_BACKGROUND_REQUESTS = set()
-_BACKGROUND_LOCK = threading.Lock()
-_EXIT_WAIT_REGISTERED = False
-_EXIT_WAIT = 5.0  # seconds the interpreter waits at exit for access records
-
-
-def _track_background_request(future):
-    """Keep a request that nobody waits for, so that exit waits for it."""
-    global _EXIT_WAIT_REGISTERED
-    with _BACKGROUND_LOCK:
-        if not _EXIT_WAIT_REGISTERED:
-            import atexit
-
-            atexit.register(_wait_for_background_requests)
-            _EXIT_WAIT_REGISTERED = True
-        _BACKGROUND_REQUESTS.add(future)
-
-    def forget(done):
-        with _BACKGROUND_LOCK:
-            _BACKGROUND_REQUESTS.discard(done)
-        if not done.cancelled():
-            done.exception()  # a lost access record is not worth a warning
-
-    future.add_done_callback(forget)
-
-
-def _wait_for_background_requests(timeout=_EXIT_WAIT):
-    """Wait for pending access records (at exit, or in tests)."""
-    import concurrent.futures
-
-    with _BACKGROUND_LOCK:
-        pending = list(_BACKGROUND_REQUESTS)
-    concurrent.futures.wait(pending, timeout=timeout)
-
-
-def _make_filesystem(storage_options):
-    """An s3fs filesystem, retrying transient faults with backoff."""
-    s3fs = _s3fs()
-    options = dict(storage_options)
-    config_kwargs = dict(options.get("config_kwargs") or {})
-    # botocore's "standard" mode retries throttling, 5xx and dropped
-    # connections with jittered backoff, and unlike its legacy mode it does
-    # not spend minutes on an endpoint that refuses connections.
-    config_kwargs.setdefault("retries", {"total_max_attempts": 4, "mode": "standard"})
-    options["config_kwargs"] = config_kwargs
-    return s3fs.S3FileSystem(**options)
-
-
 # --------------------------------------------------------------------------
-# Registration
+# 8. Registration
 # --------------------------------------------------------------------------
 
 
@@ -1612,7 +1843,7 @@ def register_s3_store_backend():
 
 
 # --------------------------------------------------------------------------
-# Command line: python -m joblib_store ls | prune | clear | demo
+# 9. Command line: python -m joblib_store ls | prune | clear | demo
 # --------------------------------------------------------------------------
 
 
@@ -1668,7 +1899,7 @@ def _demo(location, endpoint_url):
             print(f"Run {run}: {'loaded from' if hit else 'computed and stored in'} "
                   f"the cache in {elapsed * 1000:.1f} ms")
         print("Keys in the bucket:")
-        for obj in store._list(store.prefix + "/"):
+        for obj in store._client.list(store.prefix + "/"):
             print(f"  s3://{store.bucket}/{obj['Key']}  ({obj['Size']} bytes)")
     finally:
         if server is not None:
