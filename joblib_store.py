@@ -8,6 +8,11 @@ bucket, so every process and every machine pointing at that bucket shares it::
     joblib_store.register_s3_store_backend()
     memory = joblib.Memory("s3://my-bucket/cache", compress=True)
 
+Importing the module registers the backend already (the call above is
+idempotent and stays the documented one-liner), so a process that unpickles
+a store, a cached function or a ``MemorizedResult`` routes ``s3://``
+locations to S3 by itself.
+
 It needs joblib >= 1.2 and s3fs. Credentials and the endpoint come from the
 usual AWS chain (environment, ``~/.aws``, instance role, ``AWS_ENDPOINT_URL``)
 unless given in ``backend_options``; see ``S3StoreBackend.configure``.
@@ -20,48 +25,54 @@ process that reads it. Use a bucket that only your jobs can write.
 
 The module reads top to bottom, in these parts:
 
-1. What the installed joblib offers (search "Breakpoint").
+1. What the installed joblib offers (search "Breakpoint"), and which of
+   joblib's calls a backend call serves.
 2. The layout of a cache in a bucket.
-3. Options: what ``configure`` receives, parsed and validated into one
-   immutable ``_StoreOptions``.
-4. The bucket client: every request, the translation of errors into the
+3. Options: what ``configure`` receives, validated into one immutable
+   ``_StoreOptions``.
+4. Per-process state: clients, checked buckets, outages, functions whose
+   cache is off; a forked child starts afresh.
+5. The bucket client: every request, the translation of errors into the
    exceptions users see, outages and warnings. Nothing joblib-specific.
-5. Transfers: streaming readers and the multipart writer, the one place
-   where byte ranges, parts and their concurrency live.
-6. Local copies of results, and access records for least-recently-used
+6. Transfers: the ranged reader, the multipart writer and zlib, the one
+   place where byte ranges, parts and their concurrency live.
+7. Local copies of results, and access records for least-recently-used
    eviction, each a small class owned by the store.
-7. The store, ``S3StoreBackend``: joblib's backend contract on top of the
+8. The store, ``S3StoreBackend``: joblib's backend contract on top of the
    parts above, and the failure policy, stated and applied in one place.
-8. Registration with joblib.
-9. The command line.
+9. Registration with joblib.
+10. The command line.
 
 Copyright (c) 2026, the joblib-store developers. BSD 3-clause licence.
 """
 
 __all__ = ["S3StoreBackend", "register_s3_store_backend"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 import asyncio
+import bisect
 import collections
+import contextlib
 import dataclasses
 import datetime
 import functools
 import hashlib
 import inspect
 import io
+import itertools
 import json
 import os
 import posixpath
 import queue
 import re
-import shutil
+import stat
 import sys
 import threading
 import time
 import uuid
 import warnings
+import weakref
 import zlib
-from pickle import PicklingError
 
 import joblib
 import joblib.memory
@@ -73,6 +84,11 @@ from joblib._store_backends import (
     StoreBackendMixin,
 )
 from joblib.logger import format_time
+
+try:
+    import fcntl
+except ImportError:  # Windows: local copies are used without file locks.
+    fcntl = None
 
 # --------------------------------------------------------------------------
 # 1. What the installed joblib offers. Each check is made once, here; search
@@ -98,22 +114,95 @@ _LOAD_ITEM_TAKES_MSG = (
 # releases with enforce_store_limits(bytes_limit, items_limit, age_limit).
 _HAS_ENFORCE_STORE_LIMITS = hasattr(StoreBackendMixin, "enforce_store_limits")
 
+# joblib's backend API does not say what a call is for: whether a load will
+# follow an existence check in the same call (it does for a hit, not for
+# call_and_shelve or check_call_in_cache), whether a clear is a user's
+# func.clear() or joblib's reaction to changed code, or whether a validation
+# callback will read the metadata. The frames of MemorizedFunc's methods
+# say it; these names hold from joblib 1.2 to 1.6, and a name a release
+# lacks (Breakpoint: _after_call is new in 1.4, _is_in_cache_and_valid in
+# 1.3) is left out. Where none is found, the store takes the safe side:
+# nothing is handed from one backend call to the next, and failures do not
+# raise.
+_CALL_FRAMES = {
+    getattr(joblib.memory.MemorizedFunc, name).__code__: name
+    for name in ("_cached_call", "call", "_after_call", "check_call_in_cache",
+                 "_is_in_cache_and_valid", "_check_previous_func_code")
+    if hasattr(joblib.memory.MemorizedFunc, name)
+}
+_ENTRY_FRAMES = ("_cached_call", "check_call_in_cache")
+_FRAMES_SEARCHED = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class _JoblibCall:
+    """Which joblib call a backend call serves, read from the stack.
+
+    ``anchors`` are the ids of the frames of that call still running (two
+    backend calls serve the same joblib call when they share one);
+    ``memorized`` is the MemorizedFunc; ``loads_a_hit`` says that a hit
+    found now is loaded right away; ``checking_code`` that joblib is
+    comparing the function's code; ``validating`` that it is deciding
+    whether a stored call is valid.
+    """
+
+    anchors: frozenset
+    memorized: object
+    loads_a_hit: bool
+    checking_code: bool
+    validating: bool
+
+
+def _joblib_call(depth=2):
+    """The joblib call that a backend method serves, or None.
+
+    ``depth`` counts the frames from here to the backend method's caller.
+    """
+    frame = sys._getframe(depth)
+    names, anchors, memorized, loads_a_hit = set(), set(), None, False
+    for _ in range(_FRAMES_SEARCHED):
+        if frame is None:
+            break
+        name = _CALL_FRAMES.get(frame.f_code)
+        if name is not None:
+            names.add(name)
+            if memorized is None:
+                memorized = frame.f_locals.get("self")
+            if name in ("_cached_call", "call", "_after_call", "check_call_in_cache"):
+                anchors.add(id(frame))
+            if name == "_cached_call":
+                loads_a_hit = not frame.f_locals.get("shelving", False)
+            if name in _ENTRY_FRAMES:
+                break
+        frame = frame.f_back
+    if not anchors:
+        return None
+    return _JoblibCall(
+        anchors=frozenset(anchors),
+        memorized=memorized,
+        loads_a_hit=loads_a_hit and "check_call_in_cache" not in names,
+        checking_code="_check_previous_func_code" in names,
+        validating="_is_in_cache_and_valid" in names,
+    )
+
+
 # --------------------------------------------------------------------------
 # 2. Layout of a cache in a bucket. It is joblib's folder layout, one object
 # per file: <prefix>/<func_id>/func_code.py and <prefix>/<func_id>/<args_id>/
-# {output.pkl, metadata.json}, where func_id may itself contain slashes.
+# {output.pkl, metadata.json}, where func_id may itself contain slashes,
+# plus an empty <args_id>/last_access whose LastModified is the last hit.
 # --------------------------------------------------------------------------
 
 OUTPUT = "output.pkl"
 METADATA = "metadata.json"
 FUNC_CODE = "func_code.py"
-_ITEM_NAMES = (OUTPUT, METADATA)
+LAST_ACCESS = "last_access"
+_ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS)
 _ARGS_ID = re.compile(r"[a-f0-9]{32}")
-_CONTENT_ID = "joblib-store-id"  # user metadata naming one written result
 
 # --------------------------------------------------------------------------
 # 3. Options. Everything configure receives is validated here, once, into a
-# _StoreOptions; an error says what to fix.
+# _StoreOptions; an error says what to fix. Nothing here touches the network.
 # --------------------------------------------------------------------------
 
 # S3's rules for bucket names: 3 to 63 lowercase letters, digits, dots and
@@ -124,7 +213,7 @@ _MiB = 2**20
 # S3 takes 5 MiB to 5 GiB per part.
 _MIN_PART_SIZE = 5 * _MiB
 DEFAULT_PART_SIZE = 8 * _MiB
-DEFAULT_MAX_CONCURRENCY = 3
+DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_ACCESS_INTERVAL = 3600  # seconds between two access records of a result
 DEFAULT_LOCAL_CACHE_BYTES_LIMIT = 10 * 2**30
 
@@ -198,6 +287,28 @@ class _StoreOptions:
         """The cache's URL, ``s3://bucket/prefix``."""
         return f"s3://{self.bucket}/{self.prefix}"
 
+    @property
+    def given_endpoint(self):
+        """The endpoint these options name, or that the environment names."""
+        return _endpoint_named_by(self.fs.storage_options if self.fs else self.storage_options)
+
+    @property
+    def uses_local_copies(self):
+        return self.local_cache_dir is not None or self.mmap_mode is not None
+
+    def credentials_fingerprint(self):
+        """A digest of the credentials given (never shown), for comparisons."""
+        given = self.fs.storage_options if self.fs else self.storage_options
+        client_kwargs = given.get("client_kwargs") or {}
+        named = [
+            given.get(name) or client_kwargs.get(alias)
+            for name, alias in (("key", "aws_access_key_id"),
+                                ("secret", "aws_secret_access_key"),
+                                ("token", "aws_session_token"),
+                                ("profile", "profile_name"), ("anon", "anon"))
+        ]
+        return hashlib.sha256(repr(named).encode("utf-8")).hexdigest()
+
     @classmethod
     def parse(cls, location, backend_options=None):
         """Validate what ``S3StoreBackend.configure`` received.
@@ -249,11 +360,10 @@ class _StoreOptions:
         if isinstance(bytes_limit, str):
             bytes_limit = memstr_to_bytes(bytes_limit)
         _check_positive_int("local_cache_bytes_limit", bytes_limit, 0)
+        # The default folder is found where the store is used, not here.
         local_cache_dir = ours.pop("local_cache_dir", None)
         if local_cache_dir is not None:
             local_cache_dir = os.fspath(local_cache_dir)
-        elif mmap_mode is not None:
-            local_cache_dir = _default_local_cache_dir()
         bucket, prefix = _parse_location(location, ours.pop("bucket", None))
         return cls(
             bucket=bucket,
@@ -370,25 +480,134 @@ def _seconds(access_interval):
     return access_interval
 
 
-def _default_local_cache_dir():
-    """``$XDG_CACHE_HOME/joblib_store``, else ``~/.cache/joblib_store``."""
-    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".cache"
+def _endpoint_named_by(storage_options):
+    """The endpoint URL s3fs options name, else the one botocore reads from
+    the environment, else None (AWS itself)."""
+    client_kwargs = storage_options.get("client_kwargs") or {}
+    endpoint = (
+        storage_options.get("endpoint_url")
+        or client_kwargs.get("endpoint_url")
+        or os.environ.get("AWS_ENDPOINT_URL_S3")
+        or os.environ.get("AWS_ENDPOINT_URL")
     )
-    return os.path.join(cache_home, "joblib_store")
+    return endpoint.rstrip("/") if endpoint else None
 
 # --------------------------------------------------------------------------
-# 4. The bucket client. Every request goes through _BucketClient, which runs
-# s3fs's aiobotocore client on s3fs's event loop thread and translates errors
-# into the OSError subclasses joblib and users expect.
+# 4. Per-process state. Stores pickle as their options alone; what a process
+# builds from them (connections, an event loop, checks made, functions
+# whose cache is off) lives here, and a forked child starts afresh, since
+# the parent's event loop thread and locks do not exist in the child.
+# --------------------------------------------------------------------------
+
+_EXIT_WAIT = 5.0  # seconds the interpreter waits at exit for pending writes
+
+
+@dataclasses.dataclass
+class _FunctionState:
+    """What this process knows of one cached function in one cache.
+
+    ``off``: the cache is off for it until a check of its stored code
+    succeeds; ``code``: the code joblib asked to store, kept for that
+    check; ``code_missing``: its last read found no func_code.py;
+    ``code_write``: a write of func_code.py still in flight, which any
+    result of the function waits for before it becomes visible.
+    """
+
+    off: bool = False
+    code: object = None
+    code_missing: bool = False
+    code_write: object = None
+
+
+class _ProcessState:
+    """Everything one process knows beyond the stores' own options."""
+
+    def __init__(self):
+        self.lock = threading.RLock()
+        # (bucket, endpoint, credentials digest) that passed the check.
+        self.checked_buckets = set()
+        # (bucket, endpoint) -> the options of the last store configured there.
+        self.options_by_bucket = {}
+        self.parts = weakref.WeakKeyDictionary()  # store -> _StoreParts
+        self.outages = {}  # (endpoint, loop) -> _Outage
+        self.warned = set()
+        self.functions = {}  # (location, func_id) -> _FunctionState
+        self.recorded = {}  # (bucket, key) -> when this process last recorded a hit
+        self.pending = set()  # writes nobody waits for yet
+        self.writers = weakref.WeakSet()  # uploads neither committed nor aborted
+        self.handover = threading.local()
+        self.exit_hook = False
+
+    def function(self, location, func_id):
+        with self.lock:
+            return self.functions.setdefault((location, func_id), _FunctionState())
+
+    def ensure_exit_hook(self):
+        with self.lock:
+            if not self.exit_hook:
+                import atexit
+
+                atexit.register(_finish_at_exit)
+                self.exit_hook = True
+
+    def track(self, future):
+        """Keep a request that nobody waits for, so that exit waits for it."""
+        self.ensure_exit_hook()
+        with self.lock:
+            self.pending.add(future)
+
+        def forget(done):
+            with self.lock:
+                self.pending.discard(done)
+
+        future.add_done_callback(forget)
+
+
+_PROCESS = _ProcessState()
+
+
+def _start_afresh():
+    global _PROCESS
+    _PROCESS = _ProcessState()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_start_afresh)
+
+
+def _wait_for_background_requests(timeout=_EXIT_WAIT):
+    """Wait for pending writes and access records (at exit, or in tests)."""
+    import concurrent.futures
+
+    with _PROCESS.lock:
+        pending = list(_PROCESS.pending)
+    concurrent.futures.wait(pending, timeout=timeout)
+
+
+def _finish_at_exit():
+    # An upload that was never committed is aborted (so no part stays
+    # billed), and writes already under way get a few seconds to land.
+    for writer in list(_PROCESS.writers):
+        writer.abort()
+    _wait_for_background_requests()
+
+# --------------------------------------------------------------------------
+# 5. The bucket client. Every request goes through _BucketClient, which runs
+# s3fs's aiobotocore client on s3fs's event loop thread, holds requests back
+# while the endpoint is down, and translates errors into the OSError
+# subclasses joblib and users expect.
 # --------------------------------------------------------------------------
 
 _DELETE_BATCH = 1000  # keys per DeleteObjects request, S3's maximum
 _LIST_PAGE = 1000  # keys per ListObjectsV2 page, S3's maximum
-_SMALL_OBJECT = 1 * _MiB  # objects up to this size are read in one piece
-_READ_CHUNK = 1 * _MiB
 _BUCKET_CHECK_TIMEOUT = 8  # seconds, for the one check made by configure
-_OFFLINE_PAUSE = 5.0  # seconds without requests after the endpoint was unreachable
+# While the endpoint is down, each request first waits at most this long
+# for a sign of life (any answer to a HEAD of the bucket), shared by the
+# requests that wait at the same time; a cached call makes at most two such
+# waits (before its lookup, and before its write), so an outage costs a
+# call at most 2 s once it has been detected.
+_PROBE_TIMEOUT = 0.8
+_RANGE_ATTEMPTS = 3  # reads of one byte range, when its body breaks off
 
 
 def _error_code(error):
@@ -406,6 +625,16 @@ def _is_missing(error):
 def _is_denied(error):
     code, status = _error_code(error)
     return status == 403 or code in ("403", "AccessDenied", "Forbidden")
+
+
+def _is_not_modified(error):
+    code, status = _error_code(error)
+    return status == 304 or code in ("304", "NotModified")
+
+
+def _is_answer(error):
+    """Whether the server answered (with an error status)."""
+    return _error_code(error)[1] is not None
 
 
 def _is_unreachable(error):
@@ -430,24 +659,85 @@ def _is_no_credentials(error):
     )
 
 
-def _make_filesystem(storage_options):
-    """An s3fs filesystem, retrying transient faults with backoff."""
-    s3fs = _s3fs()
-    options = dict(storage_options)
-    config_kwargs = dict(options.get("config_kwargs") or {})
+class _WrongThreadError(RuntimeError):
+    """A store was used from s3fs's own event loop thread, which would hang."""
+
+
+def _make_filesystem(options):
+    """The s3fs filesystem for a store's options, tuned for its transfers."""
+    if options.fs is not None:
+        fs = options.fs
+        try:
+            fs.loop  # noqa: B018 (raises in a forked child)
+            return fs
+        except RuntimeError:
+            # A ready filesystem from the parent of a forked process: the
+            # same options give the child one of its own.
+            return type(fs)(**fs.storage_options, skip_instance_cache=True)
+    storage_options = dict(options.storage_options)
+    config_kwargs = dict(storage_options.get("config_kwargs") or {})
     # botocore's "standard" mode retries throttling, 5xx and dropped
     # connections with jittered backoff, and unlike its legacy mode it does
     # not spend minutes on an endpoint that refuses connections.
     config_kwargs.setdefault("retries", {"total_max_attempts": 4, "mode": "standard"})
-    options["config_kwargs"] = config_kwargs
-    return s3fs.S3FileSystem(**options)
+    # A load and a store each keep max_concurrency requests in flight.
+    config_kwargs.setdefault(
+        "max_pool_connections", max(10, 2 * options.max_concurrency)
+    )
+    # botocore >= 1.36 adds a CRC32 to every upload, which some S3-compatible
+    # stores reject or (over TLS, as aws-chunked) store inside the object;
+    # TLS already guards the bytes in transit.
+    # (Breakpoint: botocore < 1.36 has neither the checksums nor these options.)
+    from botocore.config import Config
+
+    for option in ("request_checksum_calculation", "response_checksum_validation"):
+        if option in Config.OPTION_DEFAULTS:
+            config_kwargs.setdefault(option, "when_required")
+    storage_options["config_kwargs"] = config_kwargs
+    return _s3fs().S3FileSystem(**storage_options)
 
 
-# Buckets this process has already checked, and the filesystem each was
-# reached with, so that a store configured from a location alone (joblib
-# does that) reaches the cache the same way as the first one.
-_CHECKED_BUCKETS = set()
-_FILESYSTEM_BY_BUCKET = {}
+def _drop_expect_header(request, **kwargs):
+    # botocore asks for "Expect: 100-continue" on every PUT, which costs a
+    # round trip before the body leaves; our bodies are a part at most.
+    if "Expect" in request.headers:
+        del request.headers["Expect"]
+
+
+class _Outage:
+    """An endpoint that stopped answering, as one event loop sees it.
+
+    Only the loop's thread touches it. Requests wait for one shared probe
+    rather than each for its own timeouts; the first answer ends the outage.
+    """
+
+    def __init__(self):
+        self.down = False
+        self._probe = None
+
+    async def wait_until_up(self, client):
+        if self._probe is None:
+            self._probe = asyncio.ensure_future(self._answers(client))
+        probe = self._probe
+        try:
+            up = await asyncio.shield(probe)
+        finally:
+            if self._probe is probe and probe.done():
+                self._probe = None
+        if not up:
+            raise ConnectionError(
+                f"the S3 endpoint {client.endpoint} is not answering"
+            )
+
+    async def _answers(self, client):
+        try:
+            await asyncio.wait_for(client._send("head_bucket"), _PROBE_TIMEOUT)
+        except Exception as error:
+            if not _is_answer(error):
+                return False
+        self.down = False
+        client.forget_warnings()  # a later outage is news again
+        return True
 
 
 class _BucketClient:
@@ -459,73 +749,116 @@ class _BucketClient:
         Its aiobotocore client and event loop carry the requests.
     bucket : str
     location : str
-        The cache's URL, named in warnings.
+        The cache's URL, named in warnings and errors.
     """
 
     def __init__(self, fs, bucket, location):
         self.fs = fs
         self.bucket = bucket
         self.location = location
-        self._warned = set()
-        self._offline_until = 0.0
-
-    @classmethod
-    def for_options(cls, options, previous=None):
-        """The client a store configured with options uses.
-
-        A store configured from a location alone (as joblib does) reaches
-        the bucket the way the last store configured for it in this process
-        did; ``previous``, the store's own client, is kept as is.
-        """
-        fs = options.fs
-        if fs is None:
-            if options.storage_options:
-                fs = _make_filesystem(options.storage_options)
-            elif previous is not None and previous.bucket == options.bucket:
-                fs = previous.fs
-            else:
-                fs = _FILESYSTEM_BY_BUCKET.get(options.bucket) or _make_filesystem({})
-        return cls(fs, options.bucket, options.location)
-
-    def __getstate__(self):
-        # The filesystem pickles as its options (fsspec re-creates it), so
-        # the store works in a joblib worker without being configured again.
-        state = self.__dict__.copy()
-        state["_warned"] = set()
-        state["_offline_until"] = 0.0
-        return state
+        self.loop = fs.loop
+        self._endpoint = None
+        self._tuned = False
 
     @property
     def endpoint(self):
         """The URL requests go to (never with credentials)."""
-        try:
-            return self.fs.s3.meta.endpoint_url
-        except Exception:
-            return self.fs.endpoint_url or "the default AWS endpoint"
-
-    @property
-    def loop(self):
-        """The event loop the requests run on."""
-        return self.fs.loop
+        if self._endpoint is None:
+            try:
+                self._endpoint = self.fs.s3.meta.endpoint_url
+            except Exception:
+                return self.fs.endpoint_url or "the default AWS endpoint"
+        return self._endpoint
 
     def url(self, key):
         return f"s3://{self.bucket}/{key}"
 
+    # -------------------------------------------------------------- requests
+
+    async def _send(self, method, **kwargs):
+        client = await self.fs.set_session()
+        if not self._tuned:
+            client.meta.events.register(
+                "before-send.s3", _drop_expect_header,
+                unique_id="joblib_store.drop_expect_header",
+            )
+            self._tuned = True
+        bound = getattr(client, method)
+        # s3fs adds its s3_additional_kwargs (encryption, requester pays) to
+        # every request, keeping only those this method accepts.
+        kwargs = self.fs._get_s3_method_kwargs(bound, Bucket=self.bucket, **kwargs)
+        return await bound(**kwargs)
+
+    async def request(self, method, **kwargs):
+        """Make one request on the loop, unless the endpoint is down."""
+        outage = _PROCESS.outages.setdefault((self.endpoint, self.loop), _Outage())
+        if outage.down:
+            await outage.wait_until_up(self)
+        try:
+            return await self._send(method, **kwargs)
+        except Exception as error:
+            if _is_unreachable(error):
+                outage.down = True
+            raise
+
+    def refuse_loop_thread(self):
+        """Raise rather than wait forever, on the loop the requests need."""
+        try:
+            running = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        if running is self.loop:
+            raise _WrongThreadError(
+                "a cached function was called from s3fs's own event loop "
+                "thread, where joblib_store's requests would wait for "
+                "themselves forever: call it from another thread, for "
+                "example with 'await asyncio.to_thread(func, ...)'"
+            )
+
+    def run(self, coroutine, timeout=None):
+        """Run a coroutine on s3fs's loop and wait for its result."""
+        try:
+            self.refuse_loop_thread()
+        except _WrongThreadError:
+            coroutine.close()
+            raise
+        if timeout is not None:
+            coroutine = asyncio.wait_for(coroutine, timeout)
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
+
+    def start(self, coroutine):
+        """Start a coroutine on s3fs's loop; return a concurrent future."""
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
+
+    def submit(self, method, after=None, **kwargs):
+        """Start one request, once the future ``after`` (if any) succeeded;
+        return a concurrent future."""
+        return self.start(self._request_after(after, method, **kwargs))
+
+    async def _request_after(self, after, method, **kwargs):
+        if after is not None:
+            await _outcome(after)
+        return await self.request(method, **kwargs)
+
+    def call(self, method, timeout=None, **kwargs):
+        """Make one request and wait for its response."""
+        return self.run(self.request(method, **kwargs), timeout=timeout)
+
     # ------------------------------------------------------------ the bucket
 
     def check_bucket(self, prefix, create_bucket):
-        """Fail early and clearly when the bucket cannot be used."""
-        checked = (self.endpoint, self.bucket)
-        if checked not in _CHECKED_BUCKETS:
-            try:
-                self.call("head_bucket", timeout=_BUCKET_CHECK_TIMEOUT)
-            except Exception as error:
-                if _is_missing(error) and create_bucket:
-                    self._create_bucket(prefix)
-                else:
-                    raise self.bucket_error(error, prefix) from None
-            _CHECKED_BUCKETS.add(checked)
-        _FILESYSTEM_BY_BUCKET[self.bucket] = self.fs
+        """Fail early and clearly when the bucket cannot be used.
+
+        The check lists the cache's own prefix, which a policy that lets
+        the credentials list only that prefix allows, unlike HeadBucket.
+        """
+        try:
+            self.call("list_objects_v2", Prefix=prefix + "/", MaxKeys=1,
+                      timeout=_BUCKET_CHECK_TIMEOUT)
+        except Exception as error:
+            if not (_is_missing(error) and create_bucket):
+                raise self.bucket_error(error, prefix) from None
+            self._create_bucket(prefix)
 
     def _create_bucket(self, prefix):
         region = self.fs.s3.meta.region_name
@@ -537,7 +870,9 @@ class _BucketClient:
         try:
             self.call("create_bucket", **configuration)
         except Exception as error:
-            raise self.bucket_error(error, prefix) from None
+            # Created meanwhile by another of our processes: that is success.
+            if _error_code(error)[0] != "BucketAlreadyOwnedByYou":
+                raise self.bucket_error(error, prefix) from None
 
     def bucket_error(self, error, prefix):
         """The exception that tells a user why the bucket cannot be used."""
@@ -565,88 +900,27 @@ class _BucketClient:
                 f"cannot reach {where}: check endpoint_url (or "
                 f"AWS_ENDPOINT_URL) and that the server is up"
             )
+        if _error_code(error)[0] == "BucketAlreadyExists":
+            return PermissionError(
+                f"{where} belongs to another account: choose another name"
+            )
         return OSError(f"cannot use {where}: {error}")
 
-    # -------------------------------------------------------------- requests
-
-    async def _request(self, method, **kwargs):
-        client = await self.fs.set_session()
-        bound = getattr(client, method)
-        # s3fs adds its s3_additional_kwargs (encryption, requester pays) to
-        # every request, keeping only those this method accepts.
-        kwargs = self.fs._get_s3_method_kwargs(bound, Bucket=self.bucket, **kwargs)
-        return await bound(**kwargs)
-
-    def run(self, coroutine, timeout=None):
-        """Run a coroutine on s3fs's loop, pausing requests while offline.
-
-        After the endpoint proved unreachable (botocore has already retried),
-        requests fail at once for a few seconds instead of each waiting out
-        its own retries, so that an outage slows a computation only once.
-        """
-        if time.monotonic() < self._offline_until:
-            coroutine.close()
-            raise ConnectionError(f"the S3 endpoint {self.endpoint} was unreachable moments ago")
-        if timeout is not None:
-            coroutine = asyncio.wait_for(coroutine, timeout)
-        try:
-            result = asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
-        except Exception as error:
-            if _is_unreachable(error):
-                self._offline_until = time.monotonic() + _OFFLINE_PAUSE
-            raise
-        if self._offline_until:
-            # Back online: warn again about the next outage.
-            self._offline_until = 0.0
-            self._warned.clear()
-        return result
-
-    def submit(self, method, **kwargs):
-        """Start one request on s3fs's loop; return a concurrent future."""
-        return asyncio.run_coroutine_threadsafe(
-            self._request(method, **kwargs), self.loop
+    def error(self, operation, error):
+        """The exception a maintenance command raises for a failed request."""
+        message = (
+            f"could not {operation} in {self.location} (bucket {self.bucket!r} "
+            f"at endpoint {self.endpoint}): {type(error).__name__}: {error}"
         )
+        if _is_missing(error):
+            return FileNotFoundError(message)
+        if _is_denied(error) or _is_no_credentials(error):
+            return PermissionError(message)
+        if _is_unreachable(error):
+            return ConnectionError(message)
+        return OSError(message)
 
-    def call(self, method, timeout=None, **kwargs):
-        """Make one request and wait for its response."""
-        return self.run(self._request(method, **kwargs), timeout=timeout)
-
-    async def _get_body(self, key):
-        response = await self._request("get_object", Key=key)
-        body = response.pop("Body")
-        if response.get("ContentLength", 0) <= _SMALL_OBJECT:
-            try:
-                return io.BytesIO(await body.read()), response
-            finally:
-                body.close()
-        return body, response
-
-    def get(self, key):
-        """Open one object for reading with a single GET.
-
-        A small object is read at once; a large one is streamed. A missing
-        key raises FileNotFoundError.
-
-        Returns
-        -------
-        stream, response
-            A binary file object, and the response's headers (size, ETag,
-            LastModified, Metadata).
-        """
-        try:
-            body, response = self.run(self._get_body(key))
-        except Exception as error:
-            if _is_missing(error):
-                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
-            raise
-        if not isinstance(body, io.BytesIO):
-            reader = _StreamingReader(self.loop, body, prefetch=4 * _READ_CHUNK)
-            body = io.BufferedReader(reader, buffer_size=_READ_CHUNK)
-        return body, response
-
-    def put(self, key, data, metadata=None):
-        extra = {"Metadata": metadata} if metadata else {}
-        return self.call("put_object", Key=key, Body=data, **extra)
+    # -------------------------------------------------------------- objects
 
     def head(self, key):
         """HEAD one key: its response, or None when it does not exist."""
@@ -657,10 +931,61 @@ class _BucketClient:
                 return None
             raise
 
+    def put(self, key, data):
+        return self.call("put_object", Key=key, Body=data)
+
+    async def read(self, key):
+        """The bytes of a small object; FileNotFoundError if it is missing."""
+        try:
+            response = await self.request("get_object", Key=key)
+        except Exception as error:
+            if _is_missing(error):
+                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+            raise
+        return await _read_body(response["Body"])
+
+    async def open_range(self, key, length, **conditions):
+        """GET the first length bytes of an object; the body comes later.
+
+        Returns an _OpenedObject as soon as the headers are in, while its
+        bytes go on arriving. A missing key raises FileNotFoundError.
+        """
+        try:
+            response = await self.request(
+                "get_object", Key=key, Range=f"bytes=0-{length - 1}", **conditions
+            )
+        except Exception as error:
+            if _is_missing(error):
+                raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+            raise
+        body = response.pop("Body")
+        return _OpenedObject(key, response, self.start(_read_body(body)))
+
+    async def read_range(self, key, first, last, etag):
+        """The bytes first..last of the object whose ETag is etag.
+
+        A body that breaks off is read again; a changed object raises
+        botocore's PreconditionFailed, so ranges never mix two versions.
+        """
+        for attempt in range(_RANGE_ATTEMPTS):
+            response = await self.request(
+                "get_object", Key=key, Range=f"bytes={first}-{last}", IfMatch=etag
+            )
+            try:
+                data = await _read_body(response["Body"])
+                if len(data) == last - first + 1:
+                    return data
+                error = OSError(f"{self.url(key)}: range {first}-{last} came short")
+            except Exception as read_error:  # the body broke off
+                error = read_error
+            if attempt + 1 == _RANGE_ATTEMPTS:
+                raise error
+            await asyncio.sleep(0.1 * 2**attempt)
+
     def any_under(self, prefix):
         """Whether any object's key starts with prefix (one request)."""
         page = self.call("list_objects_v2", Prefix=prefix, MaxKeys=1)
-        return bool(page.get("KeyCount", 0))
+        return bool(page.get("KeyCount", page.get("Contents")))
 
     def list(self, prefix):
         """Every object under a key prefix, one request per 1000 keys."""
@@ -691,33 +1016,53 @@ class _BucketClient:
                     f"{first.get('Code')} {first.get('Message')}"
                 )
 
-    def copy(self, source_key, key, **kwargs):
+    def copy(self, source_key, key):
         """Copy an object inside the bucket (no byte leaves S3)."""
         return self.call(
             "copy_object", Key=key,
-            CopySource={"Bucket": self.bucket, "Key": source_key}, **kwargs
+            CopySource={"Bucket": self.bucket, "Key": source_key},
         )
 
     # -------------------------------------------------------------- warnings
 
-    def warn_failure(self, operation, error, stacklevel=4):
-        """Warn once per kind of failure; the computation goes on."""
-        kind = (operation, "unreachable" if _is_unreachable(error) else type(error).__name__)
-        if kind in self._warned:
-            return
-        self._warned.add(kind)
-        warnings.warn(
-            f"joblib_store could not {operation} in {self.location} (endpoint "
-            f"{self.endpoint}): {type(error).__name__}: {error}. The result "
-            f"is still computed and returned.",
-            CacheWarning,
-            stacklevel=stacklevel,
-        )
+    def warn(self, message, kind, stacklevel=4):
+        """Warn once per kind of failure, until the endpoint answers again."""
+        with _PROCESS.lock:
+            if (self.location, self.endpoint, kind) in _PROCESS.warned:
+                return
+            _PROCESS.warned.add((self.location, self.endpoint, kind))
+        warnings.warn(message, CacheWarning, stacklevel=stacklevel)
+
+    def forget_warnings(self):
+        with _PROCESS.lock:
+            _PROCESS.warned = {
+                warned for warned in _PROCESS.warned if warned[1] != self.endpoint
+            }
+
+
+async def _outcome(future):
+    """Await a concurrent future that others share: cancelling the waiter
+    (an aborted part, say) must not cancel what it waits for."""
+    return await asyncio.shield(asyncio.wrap_future(future))
+
+
+async def _read_body(body):
+    try:
+        return await body.read()
+    finally:
+        body.close()
 
 # --------------------------------------------------------------------------
-# 5. Transfers: results stream to and from S3 as they are pickled and
+# 6. Transfers: results stream to and from S3 as they are pickled and
 # unpickled, with bounded memory. Byte ranges, parts and their concurrency
 # live here and nowhere else.
+#
+# A load is a GET of the first range (part_size / 2 bytes: most results come
+# whole with it), then the rest in ranges of at most that size, up to
+# max_concurrency at a time, handed to the unpickler in order. A store
+# uploads parts of part_size bytes, up to max_concurrency at a time, while
+# the next part is being pickled. So a transfer holds at most
+# max_concurrency parts (stores) or half-parts (loads) in memory.
 # --------------------------------------------------------------------------
 
 # S3 takes up to 5 GiB per part and 10 000 parts per upload.
@@ -726,6 +1071,7 @@ _MAX_PARTS = 10_000
 # Part sizes double every 1000 parts, so that 8 MiB parts still reach
 # several TiB within S3's part count, while small results stay cheap.
 _PARTS_PER_SIZE = 1000
+_MIN_RANGE = 1 * _MiB
 _ZLIB_STEP = 1 * _MiB  # bytes compressed or inflated per zlib call
 _INFLATE_AHEAD = 8  # inflated steps kept ready for the unpickler
 _ZLIB_PREFIX = b"\x78"  # how joblib recognises a zlib-compressed pickle
@@ -762,101 +1108,106 @@ def _dump(item, writer, compress):
         deflating.finish()
 
 
-def _load(stream):
-    """Unpickle a result from a stream; a large zlib one inflates aside."""
-    if isinstance(stream, io.BufferedReader) and stream.peek(1)[:1] == _ZLIB_PREFIX:
+def _load(raw):
+    """Unpickle a result from a raw stream; zlib inflates in a thread aside."""
+    stream = io.BufferedReader(raw, buffer_size=_MiB)
+    if stream.peek(1)[:1] == _ZLIB_PREFIX:
         stream = io.BufferedReader(_InflatingReader(stream), buffer_size=_MiB)
     with stream:
         return numpy_pickle.load(stream)
 
 
-class _StreamingReader(io.RawIOBase):
-    """Read the body of one GET while the next bytes are still arriving.
+@dataclasses.dataclass
+class _OpenedObject:
+    """A GET of an object's first bytes: its headers, and its body to come.
 
-    A task on s3fs's event loop pulls the body into a queue of at most
-    ``prefetch`` bytes, and ``readinto`` takes from it: unpickling overlaps
-    the transfer, and memory stays bounded whatever the object's size.
+    ``body`` is a concurrent future of the bytes of the first range.
     """
 
-    def __init__(self, loop, body, prefetch):
-        super().__init__()
-        self._loop = loop
-        self._body = body
-        self._prefetch = prefetch
-        self._chunks = collections.deque()
-        self._buffered = 0
-        self._position = 0
-        self._finished = False
-        self._error = None
-        self._changed = threading.Condition()
-        self._room = None
-        self._task = asyncio.run_coroutine_threadsafe(self._pump(), loop)
+    key: str
+    response: dict
+    body: object
 
-    async def _pump(self):
-        self._room = asyncio.Event()
-        try:
-            while not self.closed:
-                chunk = await self._body.read(_READ_CHUNK)
-                with self._changed:
-                    if chunk:
-                        self._chunks.append(memoryview(chunk))
-                        self._buffered += len(chunk)
-                    else:
-                        self._finished = True
-                    self._changed.notify_all()
-                    full = self._buffered >= self._prefetch
-                    if full:
-                        self._room.clear()
-                if not chunk:
-                    return
-                if full:
-                    await self._room.wait()
-        except BaseException as error:  # handed to the reading thread
-            with self._changed:
-                self._error = error
-                self._finished = True
-                self._changed.notify_all()
-            if not isinstance(error, Exception):
-                raise
+    @property
+    def size(self):
+        """The whole object's size, from Content-Range (or Content-Length)."""
+        content_range = self.response.get("ContentRange")
+        if content_range:
+            return int(content_range.rpartition("/")[2])
+        return self.response["ContentLength"]
+
+    @property
+    def etag(self):
+        return self.response["ETag"]
+
+    def close(self):
+        self.body.cancel()
+
+
+def _first_range_length(part_size):
+    """Bytes asked for with the first GET of a result."""
+    return part_size // 2
+
+
+class _RangedReader(io.RawIOBase):
+    """Read one object as concurrent byte ranges, handed over in order.
+
+    The first range comes from an _OpenedObject; the others are fetched
+    at most ``max_concurrency`` at a time, each on its own connection, and
+    only from the version the first range came from (If-Match), so a
+    result rewritten meanwhile fails the load instead of mixing versions.
+    """
+
+    def __init__(self, client, opened, part_size, max_concurrency):
+        super().__init__()
+        self._client = client
+        self._key = opened.key
+        self._etag = opened.etag
+        self._max_concurrency = max_concurrency
+        size = opened.size
+        first_end = min(size, _first_range_length(part_size))
+        rest = size - first_end
+        range_size = max(
+            _MIN_RANGE,
+            min(_first_range_length(part_size), -(-rest // max_concurrency)),
+        )
+        self._ranges = collections.deque(
+            (start, min(start + range_size, size) - 1)
+            for start in range(first_end, size, range_size)
+        )
+        self._fetching = collections.deque([opened.body])
+        self._current = memoryview(b"")
+        self._fetch_more()
+
+    def _fetch_more(self):
+        while self._ranges and len(self._fetching) < self._max_concurrency:
+            first, last = self._ranges.popleft()
+            self._fetching.append(self._client.start(
+                self._client.read_range(self._key, first, last, self._etag)
+            ))
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
-        target = memoryview(buffer).cast("B")
-        filled = 0
-        with self._changed:
-            while not self._chunks and not self._finished:
-                self._changed.wait()
-            if self._error is not None and not self._chunks:
-                raise OSError(f"reading from S3 failed: {self._error}") from self._error
-            while self._chunks and filled < len(target):
-                chunk = self._chunks[0]
-                size = min(len(chunk), len(target) - filled)
-                target[filled:filled + size] = chunk[:size]
-                filled += size
-                if size == len(chunk):
-                    self._chunks.popleft()
-                else:
-                    self._chunks[0] = chunk[size:]
-            self._buffered -= filled
-        self._position += filled
-        if self._room is not None:
-            self._loop.call_soon_threadsafe(self._room.set)
-        return filled
-
-    def tell(self):
-        return self._position
+        if not self._current:
+            if not self._fetching:
+                return 0
+            fetched = self._fetching.popleft()
+            self._fetch_more()
+            self._current = memoryview(fetched.result())
+        size = min(len(buffer), len(self._current))
+        buffer[:size] = self._current[:size]
+        self._current = self._current[size:]
+        return size
 
     def close(self):
         if not self.closed:
             super().close()
-            if not self._task.done():
-                self._loop.call_soon_threadsafe(self._task.cancel)
-                if self._room is not None:
-                    self._loop.call_soon_threadsafe(self._room.set)
-            # Closing releases the connection, also when unread bytes remain.
-            self._loop.call_soon_threadsafe(self._body.close)
+            for fetching in self._fetching:
+                fetching.cancel()
+            self._fetching.clear()
+            self._ranges.clear()
 
 
 class _DeflatingWriter(io.RawIOBase):
@@ -973,16 +1324,18 @@ class _InflatingReader(io.RawIOBase):
 
 
 class _PartBody(io.RawIOBase):
-    """The bytes of one uploaded part, read in place.
+    """The bytes of one uploaded part, read in place from joblib's buffers.
 
     Given bytes, aiohttp would write a part in one go, and asyncio would keep
     a second copy of what the socket did not take at once; read from a file
-    object, it is sent in small pieces.
+    object, it is sent in small pieces, and the pieces are never joined.
     """
 
-    def __init__(self, data):
+    def __init__(self, views):
         super().__init__()
-        self._view = memoryview(data)
+        self._views = views
+        self._starts = list(itertools.accumulate([0] + [len(view) for view in views]))
+        self._size = self._starts[-1]
         self._position = 0
 
     def readable(self):
@@ -992,14 +1345,20 @@ class _PartBody(io.RawIOBase):
         return True
 
     def readinto(self, buffer):
-        start = self._position
-        size = max(0, min(len(buffer), len(self._view) - start))
-        buffer[:size] = self._view[start:start + size]
-        self._position += size
-        return size
+        target = memoryview(buffer).cast("B")
+        filled = 0
+        while filled < len(target) and self._position < self._size:
+            index = bisect.bisect_right(self._starts, self._position) - 1
+            view = self._views[index]
+            offset = self._position - self._starts[index]
+            size = min(len(view) - offset, len(target) - filled)
+            target[filled:filled + size] = view[offset:offset + size]
+            filled += size
+            self._position += size
+        return filled
 
     def seek(self, offset, whence=io.SEEK_SET):
-        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: len(self._view)}
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}
         self._position = base[whence] + offset
         return self._position
 
@@ -1007,36 +1366,40 @@ class _PartBody(io.RawIOBase):
         return self._position
 
     def __len__(self):
-        return len(self._view)
+        return self._size
 
 
 class _MultipartWriter(io.RawIOBase):
-    """Write one S3 object as it is produced, never holding all of it.
+    """Stream one S3 object as it is produced; publish it only on commit.
 
-    Bytes gather until a part is full; then the part uploads in the
-    background while the writer goes on (so compression and transfer
-    overlap), with at most ``max_concurrency`` parts' worth of bytes in
-    flight (joblib hands over arrays 16 MiB at a time, so a part can be
-    larger than ``part_size``). A result
-    smaller than one part costs a single PUT. Nothing is visible in the
-    bucket until ``close`` completes the upload; ``abort`` (or an error)
-    aborts it, so no parts are left billed.
+    Parts of ``part_size`` bytes (doubling every 1000 parts) upload in the
+    background, at most ``max_concurrency`` at a time, whatever the size of
+    the writes; a result smaller than one part is a single PUT at commit.
+    ``commit`` makes the object visible with one request, after what it
+    must wait for. Every other ending (an error, an interrupt, garbage
+    collection, interpreter exit) aborts the upload, after the parts in
+    flight, so that nothing half-written is ever visible or billed.
+    ``copy_to``, a file, receives every byte as well.
     """
 
-    def __init__(self, client, key, part_size, max_concurrency, metadata=None):
+    def __init__(self, client, key, part_size, max_concurrency, copy_to=None):
         super().__init__()
         self._client = client
         self._key = key
-        self._metadata = {"Metadata": metadata} if metadata else {}
         self._part_size = part_size
         self._max_concurrency = max_concurrency
-        self._chunks = []
+        self.copy_to = copy_to
+        self.copy_error = None
+        self.error = None  # what went wrong in the upload, if anything did
+        self._pieces = collections.deque()
         self._buffered = 0
         self._written = 0
-        self._upload_id = None
+        self._created = None  # future of CreateMultipartUpload's response
+        self._parts = []  # futures of each part's number and ETag, in order
         self._in_flight = collections.deque()
-        self._in_flight_bytes = 0
-        self._parts = []
+        self._state = "open"
+        _PROCESS.ensure_exit_hook()
+        _PROCESS.writers.add(self)
 
     def writable(self):
         return True
@@ -1045,300 +1408,493 @@ class _MultipartWriter(io.RawIOBase):
         return self._written
 
     def write(self, data):
-        if self.closed:
-            raise ValueError("write to a closed S3 object")
+        if self._state != "open":
+            raise ValueError(f"write to an S3 object that is {self._state}")
         # bytes(...) is free for bytes, and copies buffers the caller may reuse.
         chunk = data if isinstance(data, bytes) else bytes(data)
-        if chunk:
-            self._chunks.append(chunk)
-            self._buffered += len(chunk)
-            self._written += len(chunk)
-            if self._buffered >= self._current_part_size():
-                self._send_part()
+        if not chunk:
+            return 0
+        if self.copy_to is not None:
+            try:
+                self.copy_to.write(chunk)
+            except OSError as error:  # a full disk stops the copy, not the upload
+                self.copy_error, self.copy_to = error, None
+        self._pieces.append(memoryview(chunk))
+        self._buffered += len(chunk)
+        self._written += len(chunk)
+        try:
+            while self._buffered >= self._current_part_size():
+                self._send_part(self._take(self._current_part_size()))
+        except BaseException as error:
+            self.error = error
+            raise
         return len(chunk)
 
     def _current_part_size(self):
         doublings = len(self._parts) // _PARTS_PER_SIZE
         return min(self._part_size << doublings, _MAX_PART_SIZE)
 
-    def _take_buffer(self):
-        data = self._chunks[0] if len(self._chunks) == 1 else b"".join(self._chunks)
-        self._chunks = []
-        self._buffered = 0
-        return data
+    def _take(self, size):
+        """The next size bytes written, as views of the caller's buffers."""
+        views = []
+        while size:
+            piece = self._pieces.popleft()
+            if len(piece) > size:
+                self._pieces.appendleft(piece[size:])
+                piece = piece[:size]
+            views.append(piece)
+            size -= len(piece)
+            self._buffered -= len(piece)
+        return views
 
-    def _send_part(self):
-        client = self._client
-        if self._upload_id is None:
-            response = client.call(
-                "create_multipart_upload", Key=self._key, **self._metadata
-            )
-            self._upload_id = response["UploadId"]
-        part_number = len(self._parts) + 1
-        if part_number > _MAX_PARTS:
+    def _send_part(self, views):
+        if len(self._parts) == _MAX_PARTS:
             raise OSError(
                 f"the result is too large for one S3 object with "
                 f"part_size={self._part_size}: raise part_size"
             )
-        data = self._take_buffer()
-        # At most max_concurrency parts' worth of bytes in flight (joblib
-        # writes arrays 16 MiB at a time, so parts may be larger than asked).
-        budget = self._max_concurrency * self._current_part_size()
-        while self._in_flight and self._in_flight_bytes + len(data) > budget:
-            self._finish_oldest_part()
-        self._parts.append(None)
-        future = client.submit(
-            "upload_part",
-            Key=self._key,
-            UploadId=self._upload_id,
-            PartNumber=part_number,
-            Body=_PartBody(data),
-        )
-        self._in_flight.append((part_number, len(data), future))
-        self._in_flight_bytes += len(data)
+        if self._created is None:
+            self._created = self._client.submit("create_multipart_upload", Key=self._key)
+        while len(self._in_flight) >= self._max_concurrency:
+            self._in_flight.popleft().result()
+        future = self._client.start(_upload_part(
+            self._client, self._key, self._created, len(self._parts) + 1, views
+        ))
+        self._parts.append(future)
+        self._in_flight.append(future)
 
-    def _finish_oldest_part(self):
-        part_number, size, future = self._in_flight.popleft()
-        self._in_flight_bytes -= size
-        response = future.result()
-        self._parts[part_number - 1] = {
-            "PartNumber": part_number,
-            "ETag": response["ETag"],
-        }
+    def commit(self, after=None):
+        """Make the object visible; return a future of the response.
+
+        ``after``, a future, must succeed first (the object waits for it).
+        """
+        if self._state != "open":
+            raise ValueError(f"commit of an S3 object that is {self._state}")
+        if self._created is None:
+            body = b"".join(self._take(self._buffered))
+            publishing = self._client._request_after(
+                after, "put_object", Key=self._key, Body=body
+            )
+        else:
+            if self._buffered:
+                self._send_part(self._take(self._buffered))
+            publishing = self._complete(after)
+        self._state = "committed"
+        _PROCESS.writers.discard(self)
+        return self._client.start(publishing)
+
+    async def _complete(self, after):
+        try:
+            parts = [await asyncio.wrap_future(part) for part in self._parts]
+            if after is not None:
+                await _outcome(after)
+            created = await _outcome(self._created)
+            return await self._client.request(
+                "complete_multipart_upload", Key=self._key,
+                UploadId=created["UploadId"], MultipartUpload={"Parts": parts},
+            )
+        except BaseException:
+            await self._abort_upload()
+            raise
+
+    async def _abort_upload(self):
+        for part in self._parts:
+            part.cancel()
+        for part in self._parts:
+            with contextlib.suppress(BaseException):
+                await asyncio.wrap_future(part)
+        try:
+            created = await _outcome(self._created)
+            await self._client.request(
+                "abort_multipart_upload", Key=self._key, UploadId=created["UploadId"]
+            )
+        except Exception as error:
+            self._client.warn(
+                f"joblib_store could not abort the upload of "
+                f"{self._client.url(self._key)} (endpoint {self._client.endpoint}): "
+                f"{type(error).__name__}: {error}. A lifecycle rule for "
+                f"incomplete multipart uploads removes its parts.",
+                kind=("abort", type(error).__name__),
+            )
+
+    def abort(self, wait=True):
+        """Forget what was written; nothing of it stays in the bucket.
+
+        The parts in flight end first. Without ``wait`` (garbage collection
+        may run on any thread, s3fs's loop thread included), the abort goes
+        on in the background, and the interpreter waits for it at exit.
+        """
+        if self._state != "open":
+            return
+        self._state = "aborted"
+        _PROCESS.writers.discard(self)
+        self._pieces.clear()
+        if self._created is not None and not sys.is_finalizing():
+            aborting = self._client.start(self._abort_upload())
+            _PROCESS.track(aborting)
+            if wait:
+                aborting.result(timeout=_EXIT_WAIT * 6)
 
     def close(self):
-        """Make the object visible in the bucket, or abort on any error."""
-        if self.closed:
-            return
-        try:
-            if self._upload_id is None:
-                self._client.call(
-                    "put_object",
-                    Key=self._key,
-                    Body=self._take_buffer() if self._chunks else b"",
-                    **self._metadata,
-                )
-            else:
-                if self._chunks:
-                    self._send_part()
-                while self._in_flight:
-                    self._finish_oldest_part()
-                self._client.call(
-                    "complete_multipart_upload",
-                    Key=self._key,
-                    UploadId=self._upload_id,
-                    MultipartUpload={"Parts": self._parts},
-                )
-        except BaseException:
+        """Closing without a commit aborts."""
+        self.abort(wait=False)
+        super().close()
+
+
+async def _upload_part(client, key, created, number, views):
+    """Upload one part (a function, not a method: a writer dropped while its
+    parts are in flight is collected, and so aborted, at once)."""
+    upload = await _outcome(created)
+    response = await client.request(
+        "upload_part", Key=key, UploadId=upload["UploadId"],
+        PartNumber=number, Body=_PartBody(views),
+    )
+    return {"PartNumber": number, "ETag": response["ETag"]}
+
+
+class _ObjectFile(_MultipartWriter):
+    """An S3 object written as a file: closing it publishes the object,
+    unless the block writing it raised."""
+
+    def close(self):
+        if self._state == "open":
+            self.commit().result()
+        super().close()
+
+    def __exit__(self, error_type, error, traceback):
+        if error_type is not None:
             self.abort()
-            raise
-        super().close()
-
-    def abort(self):
-        """Forget what was written; nothing of it stays in the bucket."""
-        if self.closed:
-            return
-        super().close()
-        self._chunks = []
-        for _, _, future in self._in_flight:
-            future.cancel()
-        for _, _, future in self._in_flight:
-            try:
-                future.result()
-            except BaseException:
-                pass
-        self._in_flight.clear()
-        if self._upload_id is not None:
-            try:
-                self._client.call(
-                    "abort_multipart_upload", Key=self._key, UploadId=self._upload_id
-                )
-            except Exception as error:
-                self._client.warn_failure("abort a multipart upload", error)
-
+        self.close()
 
 # --------------------------------------------------------------------------
-# 6. Local copies of results, and access records. Each is a small part the
+# 7. Local copies of results, and access records. Each is a small part the
 # store owns; neither knows about joblib.
 # --------------------------------------------------------------------------
 
+_COPIES_FOLDER = "joblib-store-copies"  # the store touches nothing else
+# <ETag>.<unique>.pkl: a name is never given to another file, so a copy
+# held by a reader cannot be replaced under it.
+_COPY_NAME = re.compile(r"([A-Za-z0-9-]+)\.[0-9a-f]{32}\.pkl")
+_PART_NAME = re.compile(r"[A-Za-z0-9-]+\.pkl\.[0-9a-f]{32}\.part")
+_STALE_PART = 300  # seconds after which a download's leftover is removed
 
-def _version_of(response):
-    """The name of the result version in a HEAD or GET response."""
-    version = (response.get("Metadata") or {}).get(_CONTENT_ID) or response["ETag"]
-    return re.sub(r"[^A-Za-z0-9-]", "", version)
+
+class _LocalCopyUnusable(OSError):
+    """The local copies cannot be used; loads go to S3 instead."""
 
 
-def _remove_quietly(path):
-    try:
-        os.unlink(path)
-    except OSError:
-        pass
+def _etag_name(etag):
+    """A file name for an ETag (quotes and anything odd dropped)."""
+    return re.sub(r"[^A-Za-z0-9-]", "", etag)
+
+
+def _default_local_cache_dir():
+    """``$XDG_CACHE_HOME/joblib_store``, else ``~/.cache/joblib_store``."""
+    cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".cache"
+    )
+    return os.path.join(cache_home, "joblib_store")
 
 
 class _LocalCopies:
     """Local files holding results, for memory-mapped and read-through hits.
 
-    A copy is used only while it is the object S3 holds now: its name is the
-    result's version, which every existence check returns, so a rewritten
-    result is downloaded again. Downloads go to a temporary name first, so no
-    half-written file is ever mapped. The copies take at most ``bytes_limit``
-    bytes, the least recently used going first.
+    Layout: ``<folder>/joblib-store-copies/<digest of bucket and key>/
+    <ETag>.pkl``. The ETag names the version: a copy is used only while S3
+    holds that version, which the GET of a hit checks with If-None-Match at
+    no extra request. Files are written under a temporary name and renamed,
+    created with mode 0600 in folders of mode 0700, and a folder that is not
+    the user's own, or that others may write, is refused.
+
+    Threads and processes share the copies: a hit holds a shared lock on
+    the file while it opens and maps it, and eviction removes only files
+    it can lock exclusively, so no hit loses its copy half-way. A mapped
+    copy stays readable after it is evicted.
     """
 
-    def __init__(self, client, folder, bytes_limit):
-        self.client = client
-        self.folder = folder
+    def __init__(self, folder, bytes_limit, bucket):
+        self.given_folder = folder
         self.bytes_limit = bytes_limit
+        self.bucket = bucket
+        self._root = None
 
-    def fetch(self, key, head, report):
-        """The path of a local copy of the object at key, and its headers.
-
-        Parameters
-        ----------
-        key : str
-        head : dict
-            A response to a HEAD (or GET) of key, made just now.
-        report : callable
-            ``report(size, started)`` is called after a download.
-        """
-        folder = self._folder(key)
-        path = os.path.join(folder, _version_of(head) + ".pkl")
-        if os.path.exists(path):
-            os.utime(path)  # the local copies are evicted least recently used
-            return path, head
-        os.makedirs(folder, mode=0o700, exist_ok=True)
-        started = time.perf_counter()
-        stream, response = self.client.get(key)
-        # Named after what was downloaded, should it have changed since.
-        path = os.path.join(folder, _version_of(response) + ".pkl")
-        partial = f"{path}.{uuid.uuid4().hex}.part"
-        try:
-            with stream, open(partial, "wb") as local_file:
-                shutil.copyfileobj(stream, local_file, _MiB)
-            os.replace(partial, path)
-        finally:
-            if os.path.exists(partial):
-                os.unlink(partial)
-        report(response.get("ContentLength", 0), started)
-        for name in os.listdir(folder):
-            if name != os.path.basename(path) and not name.endswith(".part"):
-                _remove_quietly(os.path.join(folder, name))
-        self.evict(keep=path)
-        return path, response
+    @property
+    def root(self):
+        """The checked folder of the copies; raises _LocalCopyUnusable."""
+        if self._root is None:
+            base = self.given_folder or _default_local_cache_dir()
+            root = os.path.join(base, _COPIES_FOLDER)
+            try:
+                os.makedirs(base, mode=0o700, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(root, 0o700)
+                status = os.lstat(root)
+            except OSError as error:
+                raise _LocalCopyUnusable(f"cannot create {root}: {error}") from None
+            owner = os.geteuid() if hasattr(os, "geteuid") else status.st_uid
+            if not stat.S_ISDIR(status.st_mode):
+                raise _LocalCopyUnusable(f"{root} is not a folder")
+            if status.st_uid != owner or status.st_mode & 0o022:
+                raise _LocalCopyUnusable(
+                    f"{root} belongs to another user or others may write it"
+                )
+            self._root = root
+        return self._root
 
     def _folder(self, key):
-        where = f"{self.client.endpoint}\n{self.client.bucket}\n{key}".encode("utf-8")
-        return os.path.join(self.folder, hashlib.sha256(where).hexdigest()[:32])
+        digest = hashlib.sha256(f"{self.bucket}\n{key}".encode("utf-8"))
+        return os.path.join(self.root, digest.hexdigest()[:32])
+
+    def find(self, key):
+        """The ETag and path of the newest copy of key here, or None."""
+        copies = []
+        for entry in _scandir_quietly(self._folder(key)):
+            named = _COPY_NAME.fullmatch(entry.name)
+            status = _stat_quietly(entry) if named else None
+            if status is not None:
+                copies.append((status.st_mtime, named.group(1), entry.path))
+        if not copies:
+            return None
+        _, etag, path = max(copies)
+        return f'"{etag}"', path
+
+    @contextlib.contextmanager
+    def held(self, path):
+        """Hold a copy while it is opened: yields whether it is still there.
+
+        A copy evicted between its lookup and this hold yields False.
+        """
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            yield False
+            return
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            status = os.fstat(fd)
+            if hasattr(os, "geteuid") and status.st_uid != os.geteuid():
+                raise _LocalCopyUnusable(f"{path} belongs to another user")
+            there = status.st_nlink > 0
+            if there:
+                os.utime(path)  # copies are evicted least recently used first
+            yield there
+        finally:
+            os.close(fd)
+
+    def new(self, key):
+        """Start a new copy of key: a _NewCopy, written under a temporary name."""
+        folder = self._folder(key)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder, 0o700)
+        partial = os.path.join(folder, f"new.pkl.{uuid.uuid4().hex}.part")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        if fcntl is not None:
+            fcntl.flock(fd, fcntl.LOCK_SH)  # held across the rename, until close
+        return _NewCopy(self, folder, partial, fd)
 
     def evict(self, keep=None):
-        """Keep the local copies under the bytes limit, LRU first."""
-        copies = []
-        with os.scandir(self.folder) as folders:
-            for folder in folders:
-                if not folder.is_dir():
+        """Keep the copies under the bytes limit, least recently used first.
+
+        Older versions of a result go first, and leftovers of interrupted
+        downloads once they are a few minutes old. Copies in use stay.
+        """
+        copies, now = [], time.time()
+        for folder in self._folders():
+            versions = []
+            for entry in _scandir_quietly(folder):
+                status = _stat_quietly(entry)
+                if status is None:
                     continue
-                with os.scandir(folder.path) as files:
-                    for entry in files:
-                        if entry.name.endswith(".pkl"):
-                            stat = entry.stat()
-                            copies.append((stat.st_mtime, stat.st_size, entry.path))
+                if _PART_NAME.fullmatch(entry.name):
+                    if now - status.st_mtime > _STALE_PART:
+                        _remove_quietly(entry.path)
+                elif _COPY_NAME.fullmatch(entry.name):
+                    versions.append((status.st_mtime, status.st_size, entry.path))
+            versions.sort()
+            for old in versions[:-1]:
+                if old[2] == keep or not self._remove(old[2]):
+                    copies.append(old)
+            copies.extend(versions[-1:])
         total = sum(size for _, size, _ in copies)
         for _, size, path in sorted(copies):
             if total <= self.bytes_limit:
                 break
-            if path != keep:
-                _remove_quietly(path)
+            if path != keep and self._remove(path):
                 total -= size
 
     def drop(self, keys):
         """Forget the copies of the results at keys (they were deleted)."""
+        try:
+            self.root
+        except _LocalCopyUnusable:
+            return
         for key in keys:
             if key.endswith("/" + OUTPUT):
-                shutil.rmtree(self._folder(key), ignore_errors=True)
+                folder = self._folder(key)
+                for entry in _scandir_quietly(folder):
+                    if _COPY_NAME.fullmatch(entry.name):
+                        self._remove(entry.path)
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)
+
+    def _folders(self):
+        return [
+            entry.path for entry in _scandir_quietly(self.root)
+            if re.fullmatch(r"[0-9a-f]{32}", entry.name) and entry.is_dir(follow_symlinks=False)
+        ]
+
+    @staticmethod
+    def _remove(path):
+        """Remove a copy nobody holds; return whether it went."""
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(path)
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
-_RECORDABLE = 5 * 2**30  # CopyObject's limit: larger results keep their write time
+class _NewCopy:
+    """A local copy being written: ``file`` takes the bytes, ``publish(etag)``
+    names it after the version it holds, ``close()`` lets it go (and
+    removes it if it was never published)."""
+
+    def __init__(self, copies, folder, partial, fd):
+        self._copies = copies
+        self._folder = folder
+        self._partial = partial
+        self._fd = fd
+        self.file = os.fdopen(os.dup(fd), "wb")
+        self.path = None
+
+    def publish(self, etag):
+        self.file.close()
+        path = os.path.join(self._folder, f"{_etag_name(etag)}.{uuid.uuid4().hex}.pkl")
+        os.replace(self._partial, path)
+        self.path = path
+        return path
+
+    def close(self):
+        if self._fd is None:
+            return
+        self.file.close()
+        if self.path is None:
+            _remove_quietly(self._partial)
+        os.close(self._fd)
+        self._fd = None
+        self._copies.evict(keep=self.path)
+
+
+def _scandir_quietly(folder):
+    try:
+        with os.scandir(folder) as entries:
+            return list(entries)
+    except OSError:
+        return []
+
+
+def _stat_quietly(entry):
+    try:
+        return entry.stat(follow_symlinks=False)
+    except OSError:
+        return None
+
+
+def _remove_quietly(path):
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 class _AccessRecords:
     """Note in S3 when results are used, for least-recently-used eviction.
 
-    S3 keeps no access time, so a hit refreshes the result's LastModified by
-    copying the object onto itself, inside S3 (no byte travels), in the
-    background, at most once per ``interval`` seconds: the GET that loaded
-    the result tells when it last changed. Listing then gives every result's
-    last access for free, and results written by anything else count as
-    accessed when written. The copy is made only if the object is still the
-    one loaded (its ETag).
+    S3 keeps no access time, so a hit writes an empty ``last_access`` object
+    beside the result, in the background, at most once per ``interval``
+    seconds per result and process: listing then gives every result's last
+    access for free. The result itself is never rewritten, so its
+    encryption, storage class and versions stay as they were; results that
+    no hit has recorded count as used when written. Credentials that may
+    not write get no further attempts after the first denial.
     """
 
     def __init__(self, client, interval):
         self.client = client
         self.interval = interval
+        self.denied = False
 
-    def record(self, key, response):
-        """Record a hit on the result at key, loaded with response, if due."""
-        last_modified = response.get("LastModified")
-        size = response.get("ContentLength", 0)
-        if last_modified is None or size > _RECORDABLE:
+    def record(self, item_key, last_modified=None):
+        """Record a hit on the result under item_key, if due.
+
+        ``last_modified`` is when the result was written, if the hit's
+        response said it.
+        """
+        if self.denied:
             return
-        if time.time() - last_modified.timestamp() < self.interval:
-            return
-        metadata = dict(response.get("Metadata") or {})
-        metadata["joblib-store-accessed"] = str(int(time.time()))
+        now = time.time()
+        recorded_key = (self.client.bucket, item_key)
+        with _PROCESS.lock:
+            latest = _PROCESS.recorded.get(recorded_key, 0.0)
+            if last_modified is not None:
+                latest = max(latest, last_modified.timestamp())
+            if now - latest < self.interval:
+                return
+            _PROCESS.recorded[recorded_key] = now
         future = self.client.submit(
-            "copy_object",
-            Key=key,
-            CopySource={"Bucket": self.client.bucket, "Key": key},
-            CopySourceIfMatch=response["ETag"],
-            MetadataDirective="REPLACE",
-            Metadata=metadata,
-            ContentType=response.get("ContentType") or "binary/octet-stream",
+            "put_object", Key=f"{item_key}/{LAST_ACCESS}", Body=b""
         )
-        _track_background_request(future)
+        future.add_done_callback(self._check_denied)
+        _PROCESS.track(future)
 
-
-_BACKGROUND_REQUESTS = set()
-_BACKGROUND_LOCK = threading.Lock()
-_EXIT_WAIT_REGISTERED = False
-_EXIT_WAIT = 5.0  # seconds the interpreter waits at exit for access records
-
-
-def _track_background_request(future):
-    """Keep a request that nobody waits for, so that exit waits for it."""
-    global _EXIT_WAIT_REGISTERED
-    with _BACKGROUND_LOCK:
-        if not _EXIT_WAIT_REGISTERED:
-            import atexit
-
-            atexit.register(_wait_for_background_requests)
-            _EXIT_WAIT_REGISTERED = True
-        _BACKGROUND_REQUESTS.add(future)
-
-    def forget(done):
-        with _BACKGROUND_LOCK:
-            _BACKGROUND_REQUESTS.discard(done)
-        if not done.cancelled():
-            done.exception()  # a lost access record is not worth a warning
-
-    future.add_done_callback(forget)
-
-
-def _wait_for_background_requests(timeout=_EXIT_WAIT):
-    """Wait for pending access records (at exit, or in tests)."""
-    import concurrent.futures
-
-    with _BACKGROUND_LOCK:
-        pending = list(_BACKGROUND_REQUESTS)
-    concurrent.futures.wait(pending, timeout=timeout)
+    def _check_denied(self, future):
+        if not future.cancelled() and _is_denied(future.exception() or Exception()):
+            self.denied = True
 
 # --------------------------------------------------------------------------
-# 7. The store: joblib's StoreBackendBase and StoreBackendMixin on top of
+# 8. The store: joblib's StoreBackendBase and StoreBackendMixin on top of
 # the parts above.
 # --------------------------------------------------------------------------
 
 _BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
+_SMALL_RESULT = 1 * _MiB  # uploads this small take a round trip, not bandwidth
+
+# The failure policy. Every failure of S3 that a store meets goes to
+# S3StoreBackend._on_failure with the name of the operation, and this table
+# alone says what it does:
+_MISS = "miss"  # the call goes on without the cache; a warning, once per kind
+_FUNCTION_OFF = "function off"  # the cache is off for the function (below)
+_RAISE = "raise"  # the caller gets an error naming bucket and endpoint
+_FAILURE_POLICY = {
+    # In a cached call: the call computes and returns its result.
+    "check the cache": {_MISS},
+    "store a result": {_MISS},
+    "store metadata": {_MISS},
+    "clear an entry that failed validation": {_MISS},
+    # Whatever leaves in doubt which code the stored results belong to: the
+    # function runs without the cache in this process, with one warning,
+    # until a check of its stored code succeeds (at its next calls). So no
+    # result of other code is returned, and none of this code is published
+    # next to old code.
+    "read function code": {_FUNCTION_OFF},
+    "clear the results of changed code": {_FUNCTION_OFF},
+    "store function code": {_FUNCTION_OFF},
+    # Maintenance commands raise, every time they fail.
+    "store function code after a clear": {_RAISE, _FUNCTION_OFF},
+    "clear a function's results": {_RAISE},
+    "clear a result": {_RAISE},
+    "clear the cache": {_RAISE},
+    "list the cache": {_RAISE},
+}
+# A load that fails raises to joblib, which recomputes (a miss) for a call
+# and raises for MemorizedResult.get(); a load right after a miss (joblib
+# maps the result it just stored) uses what the miss produced instead.
 
 
 class _LazyMetadata(dict):
@@ -1385,12 +1941,75 @@ del _name
 
 
 
+def _readable_func_code(data):
+    """Stored function code as joblib can compare it, whatever the bytes.
+
+    Undecodable bytes or a broken first-line marker read as other code, so
+    joblib clears the function's results instead of failing the call.
+    """
+    text = data.decode("utf-8", errors="replace")
+    try:
+        joblib.memory.extract_first_line(text)
+    except ValueError:
+        text = "#" + text  # no longer starts with joblib's marker
+    return text
+
+
+@dataclasses.dataclass
+class _Handed:
+    """What one backend call hands to the next one of the same joblib call.
+
+    Kept per thread, for one slot each: ``found`` (a lookup's answer, for
+    the metadata and the load that follow), ``publishing`` (a result whose
+    upload is finishing, for the metadata PUT that goes beside it) and
+    ``stored`` (a result just stored, for joblib's reload of it).
+    """
+
+    store: object
+    url: str
+    anchors: frozenset
+    opened: object = None  # an _OpenedObject, the first range of a hit
+    copy_path: str = None  # a local copy that S3 confirmed current
+    metadata: dict = None
+    last_modified: object = None
+    future: object = None  # the upload of a result
+    after: object = None  # the func_code.py write the upload waited for
+    new_copy: object = None  # a local copy being written beside the upload
+    item: object = None  # the result itself, for joblib's reload
+    started: float = 0.0
+    size: int = 0
+
+    def serves(self, url, call):
+        return self.url == url and call is not None and bool(self.anchors & call.anchors)
+
+    def close(self):
+        if self.opened is not None:
+            self.opened.close()
+        if self.new_copy is not None:
+            self.new_copy.close()
+
+
+class _StoreParts:
+    """What a store builds from its options in one process."""
+
+    def __init__(self, options):
+        self.client = _BucketClient(_make_filesystem(options), options.bucket, options.location)
+        self.local_copies = None
+        if options.uses_local_copies:
+            self.local_copies = _LocalCopies(
+                options.local_cache_dir, options.local_cache_bytes_limit, options.bucket
+            )
+        self.access_records = _AccessRecords(self.client, options.access_interval)
+
+
 class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     """A joblib store backend that keeps the cache in an S3 bucket.
 
-    Results are written straight to their final key (an S3 PUT is atomic), as
-    one PUT or a streamed multipart upload, and read with one streamed GET.
-    A cache hit costs a HEAD and a GET; see the README for every operation.
+    Results are written straight to their final key, as one PUT or a
+    streamed multipart upload made visible by one last request, and read as
+    concurrent byte ranges. A warm hit is one GET; see the README for every
+    operation. The store pickles as its options alone: a worker that
+    unpickles it builds its own connections.
     """
 
     location = None
@@ -1416,32 +2035,68 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             ``anon``, ``client_kwargs``, ``config_kwargs``,
             ``s3_additional_kwargs``, ...); ``fs``, a ready
             ``S3FileSystem``; ``create_bucket`` (default False);
-            ``part_size`` (bytes per uploaded part, default 8 MiB) and
-            ``max_concurrency`` (parts' worth of bytes in flight, default 3);
-            ``access_interval`` (seconds or a timedelta, default one hour:
-            how stale a result's last-access time may get before a hit
-            records it again; see ``_AccessRecords``); ``local_cache_dir``, a
-            folder for local copies of results (used for every hit when given,
-            and for memory-mapped hits, under ``$XDG_CACHE_HOME/joblib_store``
-            by default, when ``mmap_mode`` is set); ``local_cache_bytes_limit``
-            (default 10 GiB, or a string such as '500M'); and joblib's own
-            ``compress`` and ``mmap_mode``.
+            ``part_size`` (bytes per uploaded part, default 8 MiB; loads
+            read ranges of half that) and ``max_concurrency`` (requests in
+            flight for one transfer, default 8); ``access_interval``
+            (seconds or a timedelta, default one hour: how stale a result's
+            last-access time may get before a hit records it again);
+            ``local_cache_dir``, a folder for local copies of results (used
+            for every hit when given, and for memory-mapped hits, under
+            ``$XDG_CACHE_HOME/joblib_store`` by default, when ``mmap_mode``
+            is set); ``local_cache_bytes_limit`` (default 10 GiB, or a
+            string such as '500M'); and joblib's own ``compress`` and
+            ``mmap_mode``.
+
+        A location alone (joblib configures ``MemorizedFunc(f, "s3://...")``
+        that way) reaches the bucket with the options of the last store
+        configured in this process for the same bucket and endpoint, or
+        else with the AWS chain.
         """
-        options = _StoreOptions.parse(location, backend_options)
-        client = _BucketClient.for_options(options, self.__dict__.get("_client"))
-        client.check_bucket(options.prefix, options.create_bucket)
+        options = self._inherit(_StoreOptions.parse(location, backend_options))
+        parts = _StoreParts(options)
+        checked = (options.bucket, parts.client.endpoint, options.credentials_fingerprint())
+        if checked not in _PROCESS.checked_buckets:
+            parts.client.check_bucket(options.prefix, options.create_bucket)
+            with _PROCESS.lock:
+                _PROCESS.checked_buckets.add(checked)
+        with _PROCESS.lock:
+            _PROCESS.options_by_bucket[(options.bucket, options.given_endpoint)] = options
+            _PROCESS.parts[self] = parts
         self.options = options
         self.location = options.location
         self.compress = options.compress
         self.mmap_mode = options.mmap_mode
         self.verbose = verbose
-        self._client = client
-        self._local_copies = None
-        if options.local_cache_dir is not None:
-            self._local_copies = _LocalCopies(
-                client, options.local_cache_dir, options.local_cache_bytes_limit
-            )
-        self._access_records = _AccessRecords(client, options.access_interval)
+
+    def _inherit(self, options):
+        """Options with no way to reach S3 take it from an earlier store."""
+        if options.storage_options or options.fs is not None:
+            return options
+        previous = self.__dict__.get("options")
+        if previous is None or previous.bucket != options.bucket:
+            with _PROCESS.lock:
+                previous = _PROCESS.options_by_bucket.get(
+                    (options.bucket, options.given_endpoint)
+                )
+        if previous is None:
+            return options
+        return dataclasses.replace(
+            options, storage_options=previous.storage_options, fs=previous.fs
+        )
+
+    @property
+    def _parts(self):
+        parts = _PROCESS.parts.get(self)
+        if parts is None:
+            with _PROCESS.lock:
+                parts = _PROCESS.parts.get(self)
+                if parts is None:
+                    parts = _PROCESS.parts[self] = _StoreParts(self.options)
+        return parts
+
+    @property
+    def _client(self):
+        return self._parts.client
 
     @property
     def bucket(self):
@@ -1453,7 +2108,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     @property
     def fs(self):
-        """The s3fs filesystem that carries the requests."""
+        """The s3fs filesystem that carries this process's requests."""
         return self._client.fs
 
     @property
@@ -1461,22 +2116,120 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         """The URL requests go to (never with credentials)."""
         return self._client.endpoint
 
-    def __getstate__(self):
-        state = self.__dict__.copy()
-        state.pop("_heads", None)
-        return state
-
     # ------------------------------------------------------- failure policy
 
-    def _on_failure(self, operation, error):
-        """Apply the failure policy to a failed S3 operation.
+    def _on_failure(self, operation, error, func_id=None):
+        """Apply _FAILURE_POLICY to a failed operation of this store."""
+        if isinstance(error, _WrongThreadError):
+            raise error  # a mistake to fix in the calling code, not a failure of S3
+        outcome = _FAILURE_POLICY[operation]
+        client = self._client
+        what = f"{type(error).__name__}: {error}"
+        if _FUNCTION_OFF in outcome:
+            function = _PROCESS.function(self.location, func_id)
+            function.off = True
+            client.warn(
+                f"joblib_store turned the cache off for {func_id} in this "
+                f"process: it could not {operation} in {self.location} "
+                f"(endpoint {client.endpoint}): {what}. Calls compute without "
+                f"the cache until its stored code can be checked.",
+                kind=("off", func_id),
+            )
+        if _RAISE in outcome:
+            raise client.error(operation, error) from error
+        if _MISS in outcome:
+            kind = "unreachable" if _is_unreachable(error) else type(error).__name__
+            client.warn(
+                f"joblib_store could not {operation} in {self.location} "
+                f"(endpoint {client.endpoint}): {what}. The result is still "
+                f"computed and returned.",
+                kind=(operation, kind),
+            )
 
-        A cached call never fails because of the store: whatever the store
-        could not do (check, store, clear) is skipped with a CacheWarning,
-        once per kind of failure, and the call computes and returns its
-        result. Every path of the store that meets a failure comes here.
+    def _function(self, func_id):
+        """This process's state of a function, after its code write landed."""
+        function = _PROCESS.function(self.location, func_id)
+        write = function.code_write
+        if write is not None and write.done():
+            function.code_write = None
+            error = None if write.cancelled() else write.exception()
+            if error is not None:
+                self._on_failure("store function code", error, func_id)
+        return function
+
+    def _recover(self, func_id, function):
+        """Check a function's stored code again; whether its cache is back on.
+
+        Old results go when the stored code differs or is missing, then the
+        current code is written, as joblib does when code changes.
         """
-        self._client.warn_failure(operation, error)
+        if function.code is None:
+            return False
+        key = self._key_of_call([func_id], FUNC_CODE)
+        client = self._client
+        try:
+            try:
+                stored = _readable_func_code(client.run(client.read(key)))
+            except FileNotFoundError:
+                stored = None
+            current = joblib.memory.extract_first_line(function.code)[0]
+            if stored is None or joblib.memory.extract_first_line(stored)[0] != current:
+                self._clear_prefix(self._key_of_call([func_id]))
+                client.put(key, function.code.encode("utf-8"))
+        except Exception:
+            return False
+        function.off = False
+        return True
+
+    # ------------------------------------------------------------- handover
+
+    def _begin(self, *inputs):
+        """Start a backend call: the joblib call it serves, and its inputs.
+
+        Whatever an earlier backend call of this thread handed over and this
+        one does not take is settled (an upload) or dropped (a lookup).
+        """
+        self._client.refuse_loop_thread()
+        call = _joblib_call(depth=3)
+        slots = _PROCESS.handover
+        for slot in ("publishing", "found", "stored"):
+            if slot not in inputs:
+                handed = getattr(slots, slot, None)
+                if handed is not None:
+                    setattr(slots, slot, None)
+                    if slot == "publishing":
+                        handed.store._finish_publishing(handed)
+                    else:
+                        handed.close()
+        return call
+
+    def _hand_over(self, slot, url, anchors, **payload):
+        """Leave payload in this thread's slot for the same joblib call."""
+        if not anchors:
+            return
+        slots = _PROCESS.handover
+        previous = getattr(slots, slot, None)
+        if previous is not None:
+            previous.close()
+        setattr(slots, slot, _Handed(self, url, anchors, **payload))
+
+    def _take(self, slot, url, call, keep=False):
+        """What the same joblib call handed over in slot for url, or None."""
+        slots = _PROCESS.handover
+        handed = getattr(slots, slot, None)
+        if handed is None:
+            return None
+        if handed.serves(url, call):
+            if not keep:
+                setattr(slots, slot, None)
+            return handed
+        if not keep:
+            setattr(slots, slot, None)
+            if slot == "publishing":
+                handed.store._finish_publishing(handed)
+            else:
+                handed.close()
+        return None
 
     # ---------------------------------------------------------------- keys
 
@@ -1494,16 +2247,17 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     # ----------------------------------------- StoreBackendBase primitives
 
     def _open_item(self, f, mode):
-        """Open the object at a URL for reading ('rb') or writing ('wb')."""
+        """Open the object at a URL for reading ('rb') or writing ('wb').
+
+        A written object appears when the file is closed, unless the block
+        that wrote it raised.
+        """
+        key = self._key_of_url(f)
         if mode == "rb":
-            return self._client.get(self._key_of_url(f))[0]
+            return io.BufferedReader(self._reader(self._open(key)), buffer_size=_MiB)
         if mode == "wb":
-            return io.BufferedWriter(
-                _MultipartWriter(
-                    self._client, self._key_of_url(f),
-                    self.options.part_size, self.options.max_concurrency,
-                ),
-                buffer_size=_MiB,
+            return _ObjectFile(
+                self._client, key, self.options.part_size, self.options.max_concurrency
             )
         raise ValueError(f"mode must be 'rb' or 'wb', not {mode!r}")
 
@@ -1527,7 +2281,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def clear_location(self, location):
         """Delete every object under a location."""
-        self._clear_prefix(self._key_of_url(location).rstrip("/"))
+        try:
+            self._clear_prefix(self._key_of_url(location).rstrip("/"))
+        except Exception as error:
+            self._on_failure("clear the cache", error)
 
     def _clear_prefix(self, key_prefix):
         self._delete(obj["Key"] for obj in self._client.list(key_prefix + "/"))
@@ -1535,8 +2292,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     def _delete(self, keys):
         """Delete keys, and the local copies of the results among them."""
         keys = list(keys)
-        if self._local_copies is not None:
-            self._local_copies.drop(keys)
+        if self._parts.local_copies is not None:
+            self._parts.local_copies.drop(keys)
         self._client.delete(keys)
 
     def get_items(self):
@@ -1544,10 +2301,18 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
         One listing request per 1000 keys, nothing per item.
         """
-        return [item for item, _ in self._list_items()]
+        try:
+            return [item for item, _ in self._list_items()]
+        except Exception as error:
+            self._on_failure("list the cache", error)
 
     def _list_items(self):
-        """Cached results and their keys, from one listing of the cache."""
+        """Cached results and their keys, from one listing of the cache.
+
+        An item's last access is the newest LastModified among its objects,
+        its access record included; an item without a result (what an
+        interrupted write or eviction can leave) counts as never used.
+        """
         folders = collections.defaultdict(list)
         for obj in self._client.list(self.prefix + "/"):
             folder, _, name = obj["Key"].rpartition("/")
@@ -1556,8 +2321,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         items = []
         for folder, objects in folders.items():
             size = sum(obj["Size"] for obj in objects)
-            written = max(obj["LastModified"] for obj in objects)
-            last_access = datetime.datetime.fromtimestamp(written.timestamp())
+            if any(obj["Key"].endswith("/" + OUTPUT) for obj in objects):
+                used = max(obj["LastModified"] for obj in objects).timestamp()
+            else:
+                used = 0
+            last_access = datetime.datetime.fromtimestamp(used)
             item = CacheItemInfo(self._client.url(folder), size, last_access)
             items.append((item, [obj["Key"] for obj in objects]))
         return items
@@ -1567,61 +2335,207 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     # the generic code built on the primitives above.
 
     def contains_item(self, call_id):
-        # One HEAD of the result; a missing key is a miss, never a listing.
+        # One GET of the result's first range when a load follows (its
+        # answer serves that load, and nothing later), else one HEAD; a
+        # missing key is a miss, never a listing.
+        call = self._begin()
+        func_id = call_id[0]
+        function = self._function(func_id)
+        if function.off and not self._recover(func_id, function):
+            return False
         key = self._key_of_call(call_id, OUTPUT)
+        loads = call is not None and call.loads_a_hit
+        validates = (
+            call is not None and call.validating
+            and getattr(call.memorized, "cache_validation_callback", None) is not None
+        )
+        copy = self._current_copy(key) if loads else None
         try:
-            head = self._client.head(key)
+            found = self._client.run(self._look_up(key, loads, validates, copy))
         except Exception as error:
             self._on_failure("check the cache", error)
             return False
-        if head is not None and self._local_copies is not None:
-            # The load that follows checks its local copy against this.
-            self._remember_head(key, head)
-        return head is not None
+        if found is None:
+            return False
+        self._hand_over("found", self._client.url(key), call and call.anchors, **found)
+        return True
 
-    def _remember_head(self, key, head):
-        # Per thread, and only the latest check: older ones may be stale.
-        if "_heads" not in self.__dict__:
-            self._heads = threading.local()
-        self._heads.latest = (key, head)
-
-    def _fresh_head(self, key):
-        """The HEAD this thread's last existence check got for key, once."""
-        latest = getattr(self.__dict__.get("_heads"), "latest", None)
-        if latest is None or latest[0] != key:
+    def _current_copy(self, key):
+        """The ETag and path of a local copy of key, if local copies work."""
+        copies = self._parts.local_copies
+        if copies is None:
             return None
-        self._heads.latest = None
-        return latest[1]
+        try:
+            return copies.find(key)
+        except _LocalCopyUnusable as error:
+            self._warn_local(error)
+            return None
+
+    async def _look_up(self, key, loads, validates, copy):
+        """Whether a result is stored, and what its lookup learned.
+
+        The result's GET (or HEAD) and, for a validation callback, the
+        metadata's GET go out together. An entry whose metadata cannot be
+        read is a miss when a callback needs it.
+        """
+        client = self._client
+        if loads:
+            conditions = {"IfNoneMatch": copy[0]} if copy else {}
+            output = client.open_range(
+                key, _first_range_length(self.options.part_size), **conditions
+            )
+        else:
+            output = client.request("head_object", Key=key)
+        requests = [output]
+        if validates:
+            requests.append(client.read(posixpath.join(posixpath.dirname(key), METADATA)))
+        answers = await asyncio.gather(*requests, return_exceptions=True)
+        found, error = {}, None
+        answer = answers[0]
+        if isinstance(answer, _OpenedObject):
+            found["opened"] = answer
+            found["last_modified"] = answer.response.get("LastModified")
+        elif isinstance(answer, dict):
+            found["last_modified"] = answer.get("LastModified")
+        elif _is_not_modified(answer):
+            found["copy_path"] = copy[1]
+        elif isinstance(answer, FileNotFoundError) or _is_missing(answer):
+            found = None
+        elif _error_code(answer)[0] == "InvalidRange":
+            found = None  # an empty object: no result was ever complete there
+        else:
+            error = answer
+        if validates and found is not None and error is None:
+            try:
+                if isinstance(answers[1], BaseException):
+                    raise answers[1]
+                found["metadata"] = json.loads(answers[1].decode("utf-8"))
+            except (FileNotFoundError, ValueError):
+                found = None  # unreadable metadata: a miss, recomputed and rewritten
+            except Exception as metadata_error:
+                error = metadata_error
+        if (found is None or error is not None) and isinstance(answer, _OpenedObject):
+            answer.close()
+        if error is not None:
+            raise error
+        return found
+
+    def get_metadata(self, call_id):
+        # What the lookup of this call fetched for a validation callback, or
+        # else fetched only if read: a hit without a callback skips it.
+        call = self._begin("found")
+        key = self._key_of_call(call_id, METADATA)
+        output_url = self._client.url(self._key_of_call(call_id, OUTPUT))
+        found = self._take("found", output_url, call, keep=True)
+        if found is not None and found.metadata is not None:
+            return dict(found.metadata)
+        client = self._client
+
+        def fetch():
+            try:
+                return json.loads(client.run(client.read(key)).decode("utf-8"))
+            except Exception:
+                return {}
+
+        return _LazyMetadata(fetch)
 
     def _load_output(self, call_id):
-        # No existence check before the GET: contains_item has just made it,
-        # and a 404 says the same. (A local copy is checked against the
-        # version that check returned.)
+        call = self._begin("found", "stored")
         key = self._key_of_call(call_id, OUTPUT)
+        url = self._client.url(key)
+        stored = self._take("stored", url, call)
+        if stored is not None:
+            return self._reload(stored)
+        found = self._take("found", url, call)
         started = time.perf_counter()
         try:
-            if self._local_copies is not None:
-                head = self._fresh_head(key) or self._client.head(key)
-                if head is None:
-                    raise FileNotFoundError(key)
-                path, response = self._local_copies.fetch(
-                    key, head, functools.partial(self._report_transfer, "Loaded", key=key)
-                )
-                item = numpy_pickle.load(path, mmap_mode=self.mmap_mode)
-            else:
-                stream, response = self._client.get(key)
-                item = _load(stream)
-                self._report_transfer(
-                    "Loaded", response.get("ContentLength", 0), started, key
-                )
+            item, opened, last_modified = self._load(key, found)
         except FileNotFoundError:
             # The words of joblib's own backend.
             raise KeyError(
                 f"Non-existing item (may have been cleared).\n"
-                f"File {self._client.url(key)} does not exist"
+                f"File {url} does not exist"
             ) from None
-        self._access_records.record(key, response)
+        if opened is not None:
+            self._report_transfer("Loaded", opened.size, started, key)
+        self._parts.access_records.record(posixpath.dirname(key), last_modified)
         return item
+
+    def _load(self, key, found):
+        """Load the result at key: the item, the GET it came from, and when
+        the result was written (if known)."""
+        last_modified = found.last_modified if found is not None else None
+        if self._parts.local_copies is not None:
+            try:
+                return self._load_through_copy(key, found) + (last_modified,)
+            except _LocalCopyUnusable as error:
+                self._warn_local(error)
+                if found is not None:
+                    found.close()
+                found = None
+        opened = found.opened if found is not None and found.opened else self._open(key)
+        with self._reader(opened) as reader:
+            item = _load(reader)
+        return item, opened, last_modified or opened.response.get("LastModified")
+
+    def _load_through_copy(self, key, found):
+        """Load from a local copy, writing it first if S3 has another version."""
+        copies = self._parts.local_copies
+        if found is not None and found.copy_path is not None:
+            with copies.held(found.copy_path) as there:
+                if there:
+                    return numpy_pickle.load(found.copy_path, mmap_mode=self.mmap_mode), None
+            found = None  # evicted since the lookup: fetch it again
+        opened = found.opened if found is not None and found.opened else self._open(key)
+        try:
+            new_copy = copies.new(key)
+        except OSError as error:
+            opened.close()
+            raise _LocalCopyUnusable(f"cannot write a copy of {key}: {error}") from None
+        try:
+            with self._reader(opened) as reader:
+                while True:
+                    chunk = reader.read(_MiB)
+                    if not chunk:
+                        break
+                    try:
+                        new_copy.file.write(chunk)
+                    except OSError as error:
+                        raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
+            try:
+                path = new_copy.publish(opened.etag)
+            except OSError as error:
+                raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
+            return numpy_pickle.load(path, mmap_mode=self.mmap_mode), opened
+        finally:
+            new_copy.close()
+
+    def _reload(self, stored):
+        """joblib's load of the result this very call just stored: its new
+        local copy, mapped, or else the result itself."""
+        try:
+            if stored.new_copy is not None:
+                return numpy_pickle.load(stored.new_copy.path, mmap_mode=self.mmap_mode)
+            return stored.item
+        finally:
+            stored.close()
+
+    def _open(self, key):
+        """GET the first range of the object at key."""
+        client = self._client
+        return client.run(client.open_range(key, _first_range_length(self.options.part_size)))
+
+    def _reader(self, opened):
+        return _RangedReader(
+            self._client, opened, self.options.part_size, self.options.max_concurrency
+        )
+
+    def _warn_local(self, error):
+        self._client.warn(
+            f"joblib_store cannot use local copies of results ({error}); "
+            f"results are loaded from S3 instead.",
+            kind=("local copies", type(error).__name__),
+        )
 
     def _report_transfer(self, verb, size, started, key):
         # At verbose >= 10, big transfers say how long they took.
@@ -1635,7 +2549,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     if _LOAD_ITEM_TAKES_MSG:
         # Breakpoint: joblib < 1.4 passes a path list and a ready message.
         def load_item(self, path, verbose=1, msg=None):
-            """Load a cached result with one GET."""
+            """Load a cached result; a hit's lookup has fetched its start."""
             if verbose > 1:
                 if verbose < 10:
                     print(f"{msg}...")
@@ -1646,7 +2560,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     else:
 
         def load_item(self, call_id, verbose=1, timestamp=None, metadata=None):
-            """Load a cached result with one GET."""
+            """Load a cached result; a hit's lookup has fetched its start."""
             if verbose > 1:
                 print(self._load_message(call_id, verbose, timestamp, metadata))
             return self._load_output(call_id)
@@ -1670,96 +2584,237 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def dump_item(self, call_id, item, verbose=1):
         # Streamed straight to the final key: no temporary object, no copy.
+        # The upload finishes beside the metadata's PUT (store_metadata).
+        call = self._begin()
+        func_id = call_id[0]
         key = self._key_of_call(call_id, OUTPUT)
+        url = self._client.url(key)
+        # joblib maps a result right after storing it when mmap_mode is set.
+        reloaded = item if self.mmap_mode is not None else None
+        function = self._function(func_id)
+        if function.off:
+            self._hand_over("stored", url, call and call.anchors, item=reloaded)
+            return
         if verbose > 10:
             print(f"Persisting in {self._client.url(posixpath.dirname(key))}")
         started = time.perf_counter()
-        stream = _MultipartWriter(
+        new_copy = self._new_copy(key) if reloaded is not None else None
+        writer = _MultipartWriter(
             self._client, key, self.options.part_size, self.options.max_concurrency,
-            # Names this very result, so local copies can tell versions apart
-            # (an ETag changes when an access record copies the object).
-            metadata={_CONTENT_ID: uuid.uuid4().hex},
+            copy_to=new_copy.file if new_copy is not None else None,
         )
         try:
-            _dump(item, stream, self.compress)
-            stream.close()
-            self._report_transfer("Stored", stream.tell(), started, key)
-        except PicklingError as error:
-            stream.abort()
-            warnings.warn(
-                f"Unable to cache to S3: the result cannot be pickled ({error}). "
-                f"It is returned but not stored.",
-                CacheWarning,
-                stacklevel=2,
-            )
+            _dump(item, writer, self.compress)
+        except BaseException as error:
+            writer.abort()
+            if new_copy is not None:
+                new_copy.close()
+            if not isinstance(error, Exception):
+                raise  # an interrupt: nothing was published
+            self._hand_over("stored", url, call and call.anchors, item=reloaded)
+            if error is writer.error:
+                self._on_failure("store a result", error)
+            else:  # the result itself: a warning for each function
+                warnings.warn(
+                    f"Unable to cache {func_id} to S3: its result cannot be "
+                    f"pickled ({type(error).__name__}: {error}). It is "
+                    f"returned but not stored.",
+                    CacheWarning,
+                    stacklevel=2,
+                )
+            return
+        if writer.copy_error is not None and new_copy is not None:
+            self._warn_local(writer.copy_error)
+            new_copy.close()
+            new_copy = None
+        after = function.code_write
+        publishing = _Handed(
+            self, url, call.anchors if call is not None else frozenset(),
+            future=writer.commit(after=after), after=after, new_copy=new_copy,
+            item=reloaded, started=started, size=writer.tell(),
+        )
+        _PROCESS.track(publishing.future)
+        if call is None or writer.tell() > _SMALL_RESULT:
+            self._finish_publishing(publishing)
+        else:
+            # A small result's PUT goes out beside the metadata's, which
+            # store_metadata sends next; a large one ends here, as joblib
+            # would warn of a slow store_metadata.
+            _PROCESS.handover.publishing = publishing
+
+    def _new_copy(self, key):
+        """A local copy to write beside an upload, or None if none can be."""
+        copies = self._parts.local_copies
+        if copies is None:
+            return None
+        try:
+            return copies.new(key)
+        except OSError as error:
+            self._warn_local(error)
+            return None
+
+    def _finish_publishing(self, publishing, metadata_write=None):
+        """Wait for a result's upload (and the metadata's PUT beside it)."""
+        key = self._key_of_url(publishing.url)
+        func_id = self._func_id_of(key)
+        try:
+            response = publishing.future.result()
         except Exception as error:
-            stream.abort()
-            self._on_failure("store a result", error)
-
-    def get_metadata(self, call_id):
-        # Fetched only if read: a hit without a validation callback skips it.
-        key = self._key_of_call(call_id, METADATA)
-
-        def fetch():
+            response = None
+            if publishing.after is None or not publishing.after.done() or not publishing.after.exception():
+                self._on_failure("store a result", error)
+            self._function(func_id)  # a failed code write turns the function off
+        new_copy = publishing.new_copy
+        if response is not None:
+            self._report_transfer("Stored", publishing.size, publishing.started, key)
+        if new_copy is not None:
             try:
-                stream, _ = self._client.get(key)
-                with stream:
-                    return json.loads(stream.read().decode("utf-8"))
-            except Exception:
-                return {}
+                if response is None:
+                    raise OSError("the upload failed")
+                new_copy.publish(response["ETag"])
+            except OSError as error:
+                if response is not None:
+                    self._warn_local(error)
+                new_copy.close()
+                new_copy = None
+        if metadata_write is not None:
+            try:
+                metadata_write.result()
+            except Exception as error:
+                self._on_failure("store metadata", error)
+        if publishing.item is not None:
+            # joblib maps the result next; its new copy stays held till then.
+            self._hand_over("stored", publishing.url, publishing.anchors,
+                            item=publishing.item, new_copy=new_copy)
 
-        return _LazyMetadata(fetch)
+    def _func_id_of(self, key):
+        """The func_id of a key of a result, <prefix>/<func_id>/<args_id>/<name>."""
+        return posixpath.dirname(posixpath.dirname(key))[len(self.prefix) + 1:]
 
     def store_metadata(self, call_id, metadata):
+        call = self._begin("publishing", "stored")
+        url = self._client.url(self._key_of_call(call_id, OUTPUT))
+        publishing = self._take("publishing", url, call)
+        function = self._function(call_id[0])
+        if function.off:
+            if publishing is not None:
+                self._finish_publishing(publishing)
+            return
+        # Beside the result's upload, and like it after the function's code.
+        metadata_write = self._client.submit(
+            "put_object", Key=self._key_of_call(call_id, METADATA),
+            Body=json.dumps(metadata).encode("utf-8"),
+            after=publishing.after if publishing is not None else function.code_write,
+        )
+        if publishing is not None:
+            self._finish_publishing(publishing, metadata_write)
+            return
         try:
-            self._client.put(
-                self._key_of_call(call_id, METADATA), json.dumps(metadata).encode("utf-8")
-            )
+            metadata_write.result()
         except Exception as error:
             self._on_failure("store metadata", error)
 
     def clear_item(self, call_id):
         # The names are known: one DeleteObjects, no listing.
+        call = self._begin()
+        operation = "clear a result"
+        if call is not None and call.validating:
+            operation = "clear an entry that failed validation"
         try:
             self._delete(self._key_of_call(call_id, name) for name in _ITEM_NAMES)
         except Exception as error:
-            self._on_failure("clear a result", error)
+            self._on_failure(operation, error)
 
     def contains_path(self, call_id):
         # joblib's generic version calls a method that does not exist.
+        self._begin()
         return self._key_exists(self._key_of_call(call_id))
 
     def clear_path(self, call_id):
         # No existence check first: listing an empty prefix answers that.
+        call = self._begin()
+        func_id = call_id[0]
+        if call is not None and call.checking_code:
+            if self._function(func_id).off:
+                return  # the check that turns it back on clears them
+            operation = "clear the results of changed code"
+        else:
+            operation = "clear a function's results"
         try:
             self._clear_prefix(self._key_of_call(call_id))
         except Exception as error:
-            self._on_failure("clear a function's results", error)
+            self._on_failure(operation, error, func_id)
 
     def store_cached_func_code(self, call_id, func_code=None):
         # Without code joblib only asks for a folder, which S3 does not need.
         if func_code is None:
             return
+        call = self._begin()
+        func_id = call_id[0]
+        function = self._function(func_id)
+        function.code = func_code
+        if function.off:
+            return  # the check that turns it back on writes it
+        key = self._key_of_call(call_id, FUNC_CODE)
+        clear_first = function.code_missing
+        function.code_missing = False
+        write = self._client.start(self._write_func_code(key, func_code, clear_first))
+        if call is not None and call.checking_code:
+            # During a call, the write goes on while the function computes;
+            # its results wait for it before they become visible.
+            function.code_write = write
+            _PROCESS.track(write)
+            return
         try:
-            self._client.put(self._key_of_call(call_id, FUNC_CODE), func_code.encode("utf-8"))
+            write.result()
         except Exception as error:
-            self._on_failure("store function code", error)
+            self._on_failure("store function code after a clear", error, func_id)
+
+    async def _write_func_code(self, key, func_code, clear_first):
+        client = self._client
+        writing = client.request("put_object", Key=key, Body=func_code.encode("utf-8"))
+        if not clear_first:
+            await writing
+            return
+        # Results with no code beside them (an expired or deleted
+        # func_code.py) may be of any code: they go before a result of this
+        # code can appear next to them. The listing goes out beside the write.
+        folder = posixpath.dirname(key) + "/"
+        listed, _ = await asyncio.gather(
+            client.request("list_objects_v2", Prefix=folder), writing
+        )
+        stale = [obj["Key"] for obj in listed.get("Contents", ()) if obj["Key"] != key]
+        if listed.get("IsTruncated"):
+            stale = [obj["Key"] for obj in await asyncio.to_thread(client.list, folder)
+                     if obj["Key"] != key]
+        for start in range(0, len(stale), _DELETE_BATCH):
+            await client.request("delete_objects", Delete={
+                "Objects": [{"Key": name} for name in stale[start:start + _DELETE_BATCH]],
+                "Quiet": True,
+            })
 
     def get_cached_func_code(self, call_id):
-        # joblib treats any OSError as "no code stored yet", so every failure
-        # becomes one: a cache that cannot be read is an empty cache.
+        # joblib reads an OSError as "no code stored yet" and then stores
+        # its code: for a failure other than a missing file, the function's
+        # cache goes off first, so that code is not written next to results
+        # of code nobody could check.
+        self._begin()
+        func_id = call_id[0]
+        function = self._function(func_id)
         key = self._key_of_call(call_id, FUNC_CODE)
+        client = self._client
         try:
-            stream, _ = self._client.get(key)
-            with stream:
-                return stream.read().decode("utf-8")
+            data = client.run(client.read(key))
         except FileNotFoundError:
+            function.code_missing = True
             raise
         except Exception as error:
-            self._on_failure("read function code", error)
-            raise OSError(f"cannot read {self._client.url(key)}: {error}") from error
+            self._on_failure("read function code", error, func_id)
+            raise OSError(f"cannot read {client.url(key)}: {error}") from error
+        return _readable_func_code(data)
 
     def clear(self):
+        self._begin()
         try:
             self._clear_prefix(self.prefix)
         except Exception as error:
@@ -1775,11 +2830,15 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def _evict(self, bytes_limit=None, items_limit=None, age_limit=None, dry_run=False):
         """Delete (or with dry_run only find) the items beyond the limits."""
+        self._begin()
         if isinstance(bytes_limit, str):
             bytes_limit = memstr_to_bytes(bytes_limit)
         if age_limit is not None and age_limit.total_seconds() < 0:
             raise ValueError("age_limit has to be a positive timedelta")
-        listed = self._list_items()
+        try:
+            listed = self._list_items()
+        except Exception as error:
+            self._on_failure("list the cache", error)
         listed.sort(key=lambda entry: entry[0].last_access)
         total_size = sum(item.size for item, _ in listed)
         extra_items = 0 if items_limit is None else len(listed) - items_limit
@@ -1797,7 +2856,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             extra_items -= 1
             extra_bytes -= item.size
         if not dry_run:
-            self._delete(key for _, keys in doomed for key in keys)
+            try:
+                self._delete(key for _, keys in doomed for key in keys)
+            except Exception as error:
+                self._on_failure("clear a result", error)
         return [item for item, _ in doomed]
 
     if not _HAS_ENFORCE_STORE_LIMITS:
@@ -1807,8 +2869,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             self.enforce_store_limits(bytes_limit)
 
 
+
 # --------------------------------------------------------------------------
-# 8. Registration
+# 9. Registration
 # --------------------------------------------------------------------------
 
 
@@ -1817,12 +2880,15 @@ def _route_s3_urls(factory):
 
     @functools.wraps(factory)
     def store_backend_factory(backend, location, *args, **kwargs):
-        if (
-            backend == "local"
-            and isinstance(location, str)
-            and location[:5].lower() == "s3://"
-        ):
-            backend = "s3"
+        if isinstance(location, str) and location[:5].lower() == "s3://":
+            if backend == "local":
+                backend = "s3"
+            if joblib.memory._STORE_BACKENDS.get(backend) is None:
+                # Never a local folder named "s3:".
+                raise ValueError(
+                    f"no store backend {backend!r} is registered for "
+                    f"{location!r}: call joblib_store.register_s3_store_backend()"
+                )
         return factory(backend, location, *args, **kwargs)
 
     store_backend_factory.routes_s3_urls = True
@@ -1842,8 +2908,14 @@ def register_s3_store_backend():
         joblib.memory._store_backend_factory = _route_s3_urls(factory)
 
 
+# Importing the module registers it: a worker that unpickles a store, a
+# cached function or a MemorizedResult imports this module, and so routes
+# s3:// locations to S3 without any call of its own.
+register_s3_store_backend()
+
+
 # --------------------------------------------------------------------------
-# 9. Command line: python -m joblib_store ls | prune | clear | demo
+# 10. Command line: python -m joblib_store ls | prune | clear | demo
 # --------------------------------------------------------------------------
 
 
