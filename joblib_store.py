@@ -519,6 +519,96 @@ class _FunctionState:
     code_write: object = None
 
 
+@dataclasses.dataclass
+class _Handed:
+    """What one backend call leaves for a later one of the same joblib call:
+    ``url`` names the result, ``anchors`` the frames of that joblib call."""
+
+    url: str
+    anchors: frozenset
+
+    def serves(self, url, call):
+        return self.url == url and call is not None and bool(self.anchors & call.anchors)
+
+    def let_go(self):
+        """Release what nobody will take."""
+
+
+@dataclasses.dataclass
+class _Found(_Handed):
+    """A lookup's answer, for the metadata and the load that follow."""
+
+    opened: object = None  # an _OpenedObject: the first range of the result
+    copy_path: str = None  # a local copy that S3 confirmed current (a 304)
+    metadata: dict = None  # fetched beside it, for a validation callback
+    last_modified: object = None
+
+    def let_go(self):
+        if self.opened is not None:
+            self.opened.close()
+
+
+@dataclasses.dataclass
+class _Publishing(_Handed):
+    """A small result's upload, ended beside the metadata's PUT."""
+
+    store: object = None
+    future: object = None  # the upload's last request
+    after: object = None  # the func_code.py write it waited for
+    new_copy: object = None  # a local copy written beside it
+    item: object = None  # the result, for joblib's reload of it
+    started: float = 0.0
+    size: int = 0
+
+    def let_go(self):
+        self.store._finish_publishing(self)
+
+
+@dataclasses.dataclass
+class _Stored(_Handed):
+    """A result just stored, for joblib's reload of it (with mmap_mode)."""
+
+    item: object = None
+    new_copy: object = None  # held until the reload has mapped it
+
+    def let_go(self):
+        if self.new_copy is not None:
+            self.new_copy.close()
+
+
+class _Handover(threading.local):
+    """This thread's slots of handed-over work: ``found``, ``publishing``
+    and ``stored``. What a later backend call does not take is let go."""
+
+    found = publishing = stored = None
+
+    def put(self, slot, handed):
+        self._let_go(slot)
+        setattr(self, slot, handed)
+
+    def take(self, slot, url, call, keep=False):
+        """What the same joblib call left in slot for url, or None."""
+        handed = getattr(self, slot)
+        if handed is not None and handed.serves(url, call):
+            if not keep:
+                setattr(self, slot, None)
+            return handed
+        if not keep:
+            self._let_go(slot)
+        return None
+
+    def let_go_all_but(self, *slots):
+        for slot in ("publishing", "found", "stored"):
+            if slot not in slots:
+                self._let_go(slot)
+
+    def _let_go(self, slot):
+        handed = getattr(self, slot)
+        if handed is not None:
+            setattr(self, slot, None)
+            handed.let_go()
+
+
 class _ProcessState:
     """Everything one process knows beyond the stores' own options."""
 
@@ -535,7 +625,7 @@ class _ProcessState:
         self.recorded = {}  # (bucket, key) -> when this process last recorded a hit
         self.pending = set()  # writes nobody waits for yet
         self.writers = weakref.WeakSet()  # uploads neither committed nor aborted
-        self.handover = threading.local()
+        self.handover = _Handover()
         self.exit_hook = False
 
     def function(self, location, func_id):
@@ -1941,6 +2031,15 @@ del _name
 
 
 
+def _metadata_of(data):
+    """The metadata in a metadata.json, or {} where it is not a JSON object."""
+    try:
+        metadata = json.loads(data.decode("utf-8"))
+    except ValueError:
+        return {}
+    return metadata if isinstance(metadata, dict) else {}
+
+
 def _readable_func_code(data):
     """Stored function code as joblib can compare it, whatever the bytes.
 
@@ -1953,40 +2052,6 @@ def _readable_func_code(data):
     except ValueError:
         text = "#" + text  # no longer starts with joblib's marker
     return text
-
-
-@dataclasses.dataclass
-class _Handed:
-    """What one backend call hands to the next one of the same joblib call.
-
-    Kept per thread, for one slot each: ``found`` (a lookup's answer, for
-    the metadata and the load that follow), ``publishing`` (a result whose
-    upload is finishing, for the metadata PUT that goes beside it) and
-    ``stored`` (a result just stored, for joblib's reload of it).
-    """
-
-    store: object
-    url: str
-    anchors: frozenset
-    opened: object = None  # an _OpenedObject, the first range of a hit
-    copy_path: str = None  # a local copy that S3 confirmed current
-    metadata: dict = None
-    last_modified: object = None
-    future: object = None  # the upload of a result
-    after: object = None  # the func_code.py write the upload waited for
-    new_copy: object = None  # a local copy being written beside the upload
-    item: object = None  # the result itself, for joblib's reload
-    started: float = 0.0
-    size: int = 0
-
-    def serves(self, url, call):
-        return self.url == url and call is not None and bool(self.anchors & call.anchors)
-
-    def close(self):
-        if self.opened is not None:
-            self.opened.close()
-        if self.new_copy is not None:
-            self.new_copy.close()
 
 
 class _StoreParts:
@@ -2183,53 +2248,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     # ------------------------------------------------------------- handover
 
-    def _begin(self, *inputs):
-        """Start a backend call: the joblib call it serves, and its inputs.
+    def _begin(self, *takes):
+        """Start a backend call: the joblib call it serves.
 
-        Whatever an earlier backend call of this thread handed over and this
-        one does not take is settled (an upload) or dropped (a lookup).
+        What earlier backend calls of this thread left and this one does not
+        take (the slots named in ``takes``) is let go.
         """
         self._client.refuse_loop_thread()
         call = _joblib_call(depth=3)
-        slots = _PROCESS.handover
-        for slot in ("publishing", "found", "stored"):
-            if slot not in inputs:
-                handed = getattr(slots, slot, None)
-                if handed is not None:
-                    setattr(slots, slot, None)
-                    if slot == "publishing":
-                        handed.store._finish_publishing(handed)
-                    else:
-                        handed.close()
+        _PROCESS.handover.let_go_all_but(*takes)
         return call
-
-    def _hand_over(self, slot, url, anchors, **payload):
-        """Leave payload in this thread's slot for the same joblib call."""
-        if not anchors:
-            return
-        slots = _PROCESS.handover
-        previous = getattr(slots, slot, None)
-        if previous is not None:
-            previous.close()
-        setattr(slots, slot, _Handed(self, url, anchors, **payload))
-
-    def _take(self, slot, url, call, keep=False):
-        """What the same joblib call handed over in slot for url, or None."""
-        slots = _PROCESS.handover
-        handed = getattr(slots, slot, None)
-        if handed is None:
-            return None
-        if handed.serves(url, call):
-            if not keep:
-                setattr(slots, slot, None)
-            return handed
-        if not keep:
-            setattr(slots, slot, None)
-            if slot == "publishing":
-                handed.store._finish_publishing(handed)
-            else:
-                handed.close()
-        return None
 
     # ---------------------------------------------------------------- keys
 
@@ -2357,7 +2385,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             return False
         if found is None:
             return False
-        self._hand_over("found", self._client.url(key), call and call.anchors, **found)
+        if call is not None:
+            _PROCESS.handover.put("found", _Found(self._client.url(key), call.anchors, **found))
         return True
 
     def _current_copy(self, key):
@@ -2406,14 +2435,15 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         else:
             error = answer
         if validates and found is not None and error is None:
-            try:
-                if isinstance(answers[1], BaseException):
-                    raise answers[1]
-                found["metadata"] = json.loads(answers[1].decode("utf-8"))
-            except (FileNotFoundError, ValueError):
-                found = None  # unreadable metadata: a miss, recomputed and rewritten
-            except Exception as metadata_error:
-                error = metadata_error
+            metadata = answers[1]
+            if isinstance(metadata, FileNotFoundError):
+                found = None  # not written (yet): a miss, recomputed and rewritten
+            elif isinstance(metadata, BaseException):
+                error = metadata
+            else:
+                found["metadata"] = _metadata_of(metadata)
+                if "time" not in found["metadata"]:
+                    found = None  # not what joblib writes: a miss, as above
         if (found is None or error is not None) and isinstance(answer, _OpenedObject):
             answer.close()
         if error is not None:
@@ -2426,14 +2456,14 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         call = self._begin("found")
         key = self._key_of_call(call_id, METADATA)
         output_url = self._client.url(self._key_of_call(call_id, OUTPUT))
-        found = self._take("found", output_url, call, keep=True)
+        found = _PROCESS.handover.take("found", output_url, call, keep=True)
         if found is not None and found.metadata is not None:
             return dict(found.metadata)
         client = self._client
 
         def fetch():
             try:
-                return json.loads(client.run(client.read(key)).decode("utf-8"))
+                return _metadata_of(client.run(client.read(key)))
             except Exception:
                 return {}
 
@@ -2443,10 +2473,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         call = self._begin("found", "stored")
         key = self._key_of_call(call_id, OUTPUT)
         url = self._client.url(key)
-        stored = self._take("stored", url, call)
+        stored = _PROCESS.handover.take("stored", url, call)
         if stored is not None:
             return self._reload(stored)
-        found = self._take("found", url, call)
+        found = _PROCESS.handover.take("found", url, call)
         started = time.perf_counter()
         try:
             item, opened, last_modified = self._load(key, found)
@@ -2471,7 +2501,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             except _LocalCopyUnusable as error:
                 self._warn_local(error)
                 if found is not None:
-                    found.close()
+                    found.let_go()
                 found = None
         opened = found.opened if found is not None and found.opened else self._open(key)
         with self._reader(opened) as reader:
@@ -2518,7 +2548,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 return numpy_pickle.load(stored.new_copy.path, mmap_mode=self.mmap_mode)
             return stored.item
         finally:
-            stored.close()
+            stored.let_go()
 
     def _open(self, key):
         """GET the first range of the object at key."""
@@ -2589,11 +2619,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         func_id = call_id[0]
         key = self._key_of_call(call_id, OUTPUT)
         url = self._client.url(key)
+        anchors = call.anchors if call is not None else frozenset()
         # joblib maps a result right after storing it when mmap_mode is set.
         reloaded = item if self.mmap_mode is not None else None
         function = self._function(func_id)
         if function.off:
-            self._hand_over("stored", url, call and call.anchors, item=reloaded)
+            self._leave_stored(url, anchors, reloaded)
             return
         if verbose > 10:
             print(f"Persisting in {self._client.url(posixpath.dirname(key))}")
@@ -2611,7 +2642,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 new_copy.close()
             if not isinstance(error, Exception):
                 raise  # an interrupt: nothing was published
-            self._hand_over("stored", url, call and call.anchors, item=reloaded)
+            self._leave_stored(url, anchors, reloaded)
             if error is writer.error:
                 self._on_failure("store a result", error)
             else:  # the result itself: a warning for each function
@@ -2628,19 +2659,25 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             new_copy.close()
             new_copy = None
         after = function.code_write
-        publishing = _Handed(
-            self, url, call.anchors if call is not None else frozenset(),
-            future=writer.commit(after=after), after=after, new_copy=new_copy,
-            item=reloaded, started=started, size=writer.tell(),
+        publishing = _Publishing(
+            url, anchors, store=self, future=writer.commit(after=after), after=after,
+            new_copy=new_copy, item=reloaded, started=started, size=writer.tell(),
         )
         _PROCESS.track(publishing.future)
-        if call is None or writer.tell() > _SMALL_RESULT:
+        if not anchors or writer.tell() > _SMALL_RESULT:
             self._finish_publishing(publishing)
         else:
             # A small result's PUT goes out beside the metadata's, which
             # store_metadata sends next; a large one ends here, as joblib
             # would warn of a slow store_metadata.
-            _PROCESS.handover.publishing = publishing
+            _PROCESS.handover.put("publishing", publishing)
+
+    def _leave_stored(self, url, anchors, item, new_copy=None):
+        """Leave a result just stored for joblib's reload of it (mmap_mode)."""
+        if item is not None and anchors:
+            _PROCESS.handover.put("stored", _Stored(url, anchors, item=item, new_copy=new_copy))
+        elif new_copy is not None:
+            new_copy.close()
 
     def _new_copy(self, key):
         """A local copy to write beside an upload, or None if none can be."""
@@ -2661,7 +2698,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             response = publishing.future.result()
         except Exception as error:
             response = None
-            if publishing.after is None or not publishing.after.done() or not publishing.after.exception():
+            after = publishing.after
+            code_failed = (after is not None and after.done() and not after.cancelled()
+                           and after.exception() is not None)
+            if not code_failed:
                 self._on_failure("store a result", error)
             self._function(func_id)  # a failed code write turns the function off
         new_copy = publishing.new_copy
@@ -2682,10 +2722,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 metadata_write.result()
             except Exception as error:
                 self._on_failure("store metadata", error)
-        if publishing.item is not None:
-            # joblib maps the result next; its new copy stays held till then.
-            self._hand_over("stored", publishing.url, publishing.anchors,
-                            item=publishing.item, new_copy=new_copy)
+        # joblib maps the result next; its new copy stays held till then.
+        self._leave_stored(publishing.url, publishing.anchors, publishing.item, new_copy)
 
     def _func_id_of(self, key):
         """The func_id of a key of a result, <prefix>/<func_id>/<args_id>/<name>."""
@@ -2694,7 +2732,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     def store_metadata(self, call_id, metadata):
         call = self._begin("publishing", "stored")
         url = self._client.url(self._key_of_call(call_id, OUTPUT))
-        publishing = self._take("publishing", url, call)
+        publishing = _PROCESS.handover.take("publishing", url, call)
         function = self._function(call_id[0])
         if function.off:
             if publishing is not None:

@@ -427,8 +427,13 @@ def no_warnings():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         yield caught
-    unexpected = [f"{w.category.__name__}: {w.message}" for w in caught
-                  if not issubclass(w.category, DeprecationWarning)]
+    unexpected = [
+        f"{w.category.__name__}: {w.message}" for w in caught
+        if not issubclass(w.category, DeprecationWarning)
+        # joblib times its metadata write and warns past 0.5 s, which a
+        # loaded test machine can reach without any fault.
+        and not str(w.message).startswith("Persisting input arguments took")
+    ]
     assert unexpected == [], unexpected
 
 
@@ -1582,7 +1587,9 @@ def test_a_single_write_larger_than_a_part_is_split_into_valid_parts(
     value = np.random.RandomState(1).bytes(45 * MiB)  # pickled with one write
     with s3_server.recording() as requests:
         store.dump_item(["f", "a" * 32], value)
-    parts = [request.size for request in requests if request.operation == "UploadPart"]
+    parts = [request.size for request in sorted(
+        (r for r in requests if r.operation == "UploadPart"),
+        key=lambda r: int(re.search(r"partNumber=(\d+)", r.query).group(1)))]
     assert parts[:5] == [5 * MiB, 5 * MiB, 8 * MiB, 8 * MiB, 8 * MiB], parts
     assert max(parts) <= 8 * MiB and sum(parts) > 45 * MiB
     assert store.load_item(["f", "a" * 32]) == value
