@@ -2492,21 +2492,29 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         return item
 
     def _load(self, key, found):
-        """Load the result at key: the item, the GET it came from, and when
-        the result was written (if known)."""
-        last_modified = found.last_modified if found is not None else None
+        """Load the result at key: the item, the GET that moved its bytes (or
+        None), and when the result was written (if known).
+
+        ``found`` is what the lookup of the same joblib call learned; without
+        it (``MemorizedResult.get()``, say) the load makes that lookup now.
+        """
+        if found is None:
+            answer = self._client.run(self._look_up(key, True, False, self._current_copy(key)))
+            if answer is None:
+                raise FileNotFoundError(self._client.url(key))
+            found = _Found(self._client.url(key), frozenset(), **answer)
         if self._parts.local_copies is not None:
             try:
-                return self._load_through_copy(key, found) + (last_modified,)
+                item, opened = self._load_through_copy(key, found)
+                return item, opened, found.last_modified
             except _LocalCopyUnusable as error:
                 self._warn_local(error)
-                if found is not None:
-                    found.let_go()
-                found = None
-        opened = found.opened if found is not None and found.opened else self._open(key)
+                found.let_go()
+                found = _Found(found.url, frozenset(), last_modified=found.last_modified)
+        opened = found.opened or self._open(key)
         with self._reader(opened) as reader:
             item = _load(reader)
-        return item, opened, last_modified or opened.response.get("LastModified")
+        return item, opened, found.last_modified or opened.response.get("LastModified")
 
     def _load_through_copy(self, key, found):
         """Load from a local copy, writing it first if S3 has another version."""

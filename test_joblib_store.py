@@ -1986,6 +1986,19 @@ def test_a_hit_on_a_machine_with_the_copy_moves_no_byte(location, s3_server, tmp
     assert [(r.operation, r.status) for r in hit] == [("GetObject", 304)]
 
 
+def test_a_shelved_result_maps_the_local_copy_without_a_download(location, s3_server, tmp_path):
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    cached = memory.cache(fresh(random_array))
+    cached(100_000)
+    shelved = cached.call_and_shelve(100_000)
+    with s3_server.recording() as got:
+        result = shelved.get()
+    assert isinstance(result, np.memmap)
+    np.testing.assert_array_equal(result, random_array(100_000))
+    assert [(r.operation, r.status) for r in got] == [("GetObject", 304)]
+
+
 def test_copies_are_keyed_by_the_result_not_the_endpoint(location, s3_server, tmp_path):
     options = {"local_cache_dir": str(tmp_path), "skip_instance_cache": True}
     by_address = Memory(location, verbose=0, mmap_mode="r",
