@@ -623,6 +623,7 @@ class _ProcessState:
         self.warned = set()
         self.functions = {}  # (location, func_id) -> _FunctionState
         self.recorded = {}  # (bucket, key) -> when this process last recorded a hit
+        self.denied_records = set()  # (bucket, endpoint) that may not be written
         self.pending = set()  # writes nobody waits for yet
         self.writers = weakref.WeakSet()  # uploads neither committed nor aborted
         self.handover = _Handover()
@@ -751,6 +752,23 @@ def _is_no_credentials(error):
 
 class _WrongThreadError(RuntimeError):
     """A store was used from s3fs's own event loop thread, which would hang."""
+
+
+def _refuse_loop_thread(loop=None):
+    """Raise rather than wait forever on the loop the requests need (that of
+    a client, or else s3fs's own)."""
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return
+    fsspec_asyn = sys.modules.get("fsspec.asyn")
+    if running is loop or (fsspec_asyn is not None and running is fsspec_asyn.loop[0]):
+        raise _WrongThreadError(
+            "a cached function was called from s3fs's own event loop "
+            "thread, where joblib_store's requests would wait for "
+            "themselves forever: call it from another thread, for "
+            "example with 'await asyncio.to_thread(func, ...)'"
+        )
 
 
 def _make_filesystem(options):
@@ -891,24 +909,10 @@ class _BucketClient:
                 outage.down = True
             raise
 
-    def refuse_loop_thread(self):
-        """Raise rather than wait forever, on the loop the requests need."""
-        try:
-            running = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        if running is self.loop:
-            raise _WrongThreadError(
-                "a cached function was called from s3fs's own event loop "
-                "thread, where joblib_store's requests would wait for "
-                "themselves forever: call it from another thread, for "
-                "example with 'await asyncio.to_thread(func, ...)'"
-            )
-
     def run(self, coroutine, timeout=None):
         """Run a coroutine on s3fs's loop and wait for its result."""
         try:
-            self.refuse_loop_thread()
+            _refuse_loop_thread(self.loop)
         except _WrongThreadError:
             coroutine.close()
             raise
@@ -1061,6 +1065,9 @@ class _BucketClient:
             response = await self.request(
                 "get_object", Key=key, Range=f"bytes={first}-{last}", IfMatch=etag
             )
+            if response["ETag"] != etag:  # a server that ignores If-Match
+                response["Body"].close()
+                raise OSError(f"{self.url(key)} changed while it was being read")
             try:
                 data = await _read_body(response["Body"])
                 if len(data) == last - first + 1:
@@ -1670,7 +1677,14 @@ _STALE_PART = 300  # seconds after which a download's leftover is removed
 
 
 class _LocalCopyUnusable(OSError):
-    """The local copies cannot be used; loads go to S3 instead."""
+    """The local copies cannot be used; loads go to S3 instead.
+
+    ``path`` names a copy that failed to load, to be removed.
+    """
+
+    def __init__(self, message, path=None):
+        super().__init__(message)
+        self.path = path
 
 
 def _etag_name(etag):
@@ -1683,18 +1697,51 @@ def _default_local_cache_dir():
     cache_home = os.environ.get("XDG_CACHE_HOME") or os.path.join(
         os.path.expanduser("~"), ".cache"
     )
+    if cache_home.startswith("~"):
+        raise _LocalCopyUnusable(
+            "no home folder to keep them in: give local_cache_dir, or set XDG_CACHE_HOME"
+        )
     return os.path.join(cache_home, "joblib_store")
+
+
+def _check_trusted(folder):
+    """Refuse a folder that another user could fill, or swap for their own.
+
+    The folder must be the user's and closed to others; each folder above it
+    must belong to the user or to root and, unless it is sticky as /tmp is,
+    be closed to others' writes, so that nobody can rename it away.
+    """
+    me = os.geteuid() if hasattr(os, "geteuid") else None
+    status = os.lstat(folder)
+    if not stat.S_ISDIR(status.st_mode):
+        raise _LocalCopyUnusable(f"{folder} is not a folder")
+    if me is None:
+        return
+    if status.st_uid != me or status.st_mode & 0o022:
+        raise _LocalCopyUnusable(f"{folder} belongs to another user or others may write it")
+    above = os.path.dirname(os.path.realpath(folder))
+    while True:
+        status = os.stat(above)
+        if status.st_uid not in (me, 0):
+            raise _LocalCopyUnusable(f"{above} belongs to another user")
+        if status.st_mode & 0o022 and not status.st_mode & stat.S_ISVTX:
+            raise _LocalCopyUnusable(f"others may write {above}")
+        if os.path.dirname(above) == above:
+            return
+        above = os.path.dirname(above)
 
 
 class _LocalCopies:
     """Local files holding results, for memory-mapped and read-through hits.
 
     Layout: ``<folder>/joblib-store-copies/<digest of bucket and key>/
-    <ETag>.pkl``. The ETag names the version: a copy is used only while S3
-    holds that version, which the GET of a hit checks with If-None-Match at
-    no extra request. Files are written under a temporary name and renamed,
-    created with mode 0600 in folders of mode 0700, and a folder that is not
-    the user's own, or that others may write, is refused.
+    <ETag>.<unique>.pkl``. The ETag names the version: a copy is used only
+    while S3 holds that version, which the GET of a hit checks with
+    If-None-Match at no extra request. A name is never given to another
+    file: copies are written under a temporary name and renamed. Folders
+    have mode 0700 and files 0600; see _check_trusted for the folders that
+    are refused. The folder is found in the process that uses it; a
+    relative one is relative to that process's working folder.
 
     Threads and processes share the copies: a hit holds a shared lock on
     the file while it opens and maps it, and eviction removes only files
@@ -1712,22 +1759,17 @@ class _LocalCopies:
     def root(self):
         """The checked folder of the copies; raises _LocalCopyUnusable."""
         if self._root is None:
-            base = self.given_folder or _default_local_cache_dir()
+            base = os.path.abspath(self.given_folder or _default_local_cache_dir())
             root = os.path.join(base, _COPIES_FOLDER)
             try:
                 os.makedirs(base, mode=0o700, exist_ok=True)
                 with contextlib.suppress(FileExistsError):
                     os.mkdir(root, 0o700)
-                status = os.lstat(root)
+                _check_trusted(root)
+            except _LocalCopyUnusable:
+                raise
             except OSError as error:
-                raise _LocalCopyUnusable(f"cannot create {root}: {error}") from None
-            owner = os.geteuid() if hasattr(os, "geteuid") else status.st_uid
-            if not stat.S_ISDIR(status.st_mode):
-                raise _LocalCopyUnusable(f"{root} is not a folder")
-            if status.st_uid != owner or status.st_mode & 0o022:
-                raise _LocalCopyUnusable(
-                    f"{root} belongs to another user or others may write it"
-                )
+                raise _LocalCopyUnusable(f"cannot use {root}: {error}") from None
             self._root = root
         return self._root
 
@@ -1738,10 +1780,10 @@ class _LocalCopies:
     def find(self, key):
         """The ETag and path of the newest copy of key here, or None."""
         copies = []
-        for entry in _scandir_quietly(self._folder(key)):
+        for entry in _entries(self._folder(key)):
             named = _COPY_NAME.fullmatch(entry.name)
             status = _stat_quietly(entry) if named else None
-            if status is not None:
+            if status is not None and stat.S_ISREG(status.st_mode):
                 copies.append((status.st_mtime, named.group(1), entry.path))
         if not copies:
             return None
@@ -1752,36 +1794,53 @@ class _LocalCopies:
     def held(self, path):
         """Hold a copy while it is opened: yields whether it is still there.
 
-        A copy evicted between its lookup and this hold yields False.
+        A copy evicted between its lookup and this hold yields False; one
+        that cannot be opened or is not the user's raises _LocalCopyUnusable.
         """
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except FileNotFoundError:
             yield False
             return
+        except OSError as error:
+            raise _LocalCopyUnusable(f"cannot open {path}: {error}", path) from None
         try:
-            if fcntl is not None:
-                fcntl.flock(fd, fcntl.LOCK_SH)
-            status = os.fstat(fd)
+            try:
+                if fcntl is not None:
+                    fcntl.flock(fd, fcntl.LOCK_SH)
+                status = os.fstat(fd)
+            except OSError as error:
+                raise _LocalCopyUnusable(f"cannot lock {path}: {error}") from None
             if hasattr(os, "geteuid") and status.st_uid != os.geteuid():
                 raise _LocalCopyUnusable(f"{path} belongs to another user")
-            there = status.st_nlink > 0
-            if there:
-                os.utime(path)  # copies are evicted least recently used first
-            yield there
+            if status.st_nlink > 0:
+                with contextlib.suppress(OSError):  # a read-only folder still serves
+                    os.utime(fd)  # copies are evicted least recently used first
+            yield status.st_nlink > 0
         finally:
             os.close(fd)
 
     def new(self, key):
         """Start a new copy of key: a _NewCopy, written under a temporary name."""
         folder = self._folder(key)
-        with contextlib.suppress(FileExistsError):
-            os.mkdir(folder, 0o700)
-        partial = os.path.join(folder, f"new.pkl.{uuid.uuid4().hex}.part")
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        if fcntl is not None:
-            fcntl.flock(fd, fcntl.LOCK_SH)  # held across the rename, until close
-        return _NewCopy(self, folder, partial, fd)
+        try:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(folder, 0o700)
+            if not stat.S_ISDIR(os.lstat(folder).st_mode):
+                raise OSError(f"{folder} is not a folder")
+            partial = os.path.join(folder, f"new.pkl.{uuid.uuid4().hex}.part")
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL
+                         | getattr(os, "O_NOFOLLOW", 0), 0o600)
+        except OSError as error:
+            raise _LocalCopyUnusable(f"cannot write in {folder}: {error}") from None
+        try:
+            if fcntl is not None:
+                fcntl.flock(fd, fcntl.LOCK_SH)  # held across the rename, until close
+            return _NewCopy(self, folder, partial, fd)
+        except OSError as error:
+            os.close(fd)
+            _remove_quietly(partial)
+            raise _LocalCopyUnusable(f"cannot write in {folder}: {error}") from None
 
     def evict(self, keep=None):
         """Keep the copies under the bytes limit, least recently used first.
@@ -1792,9 +1851,9 @@ class _LocalCopies:
         copies, now = [], time.time()
         for folder in self._folders():
             versions = []
-            for entry in _scandir_quietly(folder):
+            for entry in _entries(folder):
                 status = _stat_quietly(entry)
-                if status is None:
+                if status is None or not stat.S_ISREG(status.st_mode):
                     continue
                 if _PART_NAME.fullmatch(entry.name):
                     if now - status.st_mtime > _STALE_PART:
@@ -1803,14 +1862,14 @@ class _LocalCopies:
                     versions.append((status.st_mtime, status.st_size, entry.path))
             versions.sort()
             for old in versions[:-1]:
-                if old[2] == keep or not self._remove(old[2]):
+                if old[2] == keep or not self.remove(old[2]):
                     copies.append(old)
             copies.extend(versions[-1:])
         total = sum(size for _, size, _ in copies)
         for _, size, path in sorted(copies):
             if total <= self.bytes_limit:
                 break
-            if path != keep and self._remove(path):
+            if path != keep and self.remove(path):
                 total -= size
 
     def drop(self, keys):
@@ -1822,23 +1881,27 @@ class _LocalCopies:
         for key in keys:
             if key.endswith("/" + OUTPUT):
                 folder = self._folder(key)
-                for entry in _scandir_quietly(folder):
+                for entry in _entries(folder):
                     if _COPY_NAME.fullmatch(entry.name):
-                        self._remove(entry.path)
+                        self.remove(entry.path)
                 with contextlib.suppress(OSError):
                     os.rmdir(folder)
 
     def _folders(self):
+        try:
+            root = self.root
+        except _LocalCopyUnusable:
+            return []
         return [
-            entry.path for entry in _scandir_quietly(self.root)
+            entry.path for entry in _entries(root)
             if re.fullmatch(r"[0-9a-f]{32}", entry.name) and entry.is_dir(follow_symlinks=False)
         ]
 
     @staticmethod
-    def _remove(path):
+    def remove(path):
         """Remove a copy nobody holds; return whether it went."""
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except OSError:
             return False
         try:
@@ -1866,6 +1929,7 @@ class _NewCopy:
         self.path = None
 
     def publish(self, etag):
+        """Name the copy after its version; raises OSError if it cannot."""
         self.file.close()
         path = os.path.join(self._folder, f"{_etag_name(etag)}.{uuid.uuid4().hex}.pkl")
         os.replace(self._partial, path)
@@ -1873,18 +1937,24 @@ class _NewCopy:
         return path
 
     def close(self):
+        """Let the copy go; never raises (a full disk only loses the copy)."""
         if self._fd is None:
             return
-        self.file.close()
+        with contextlib.suppress(OSError):
+            self.file.close()
         if self.path is None:
             _remove_quietly(self._partial)
-        os.close(self._fd)
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
         self._fd = None
         self._copies.evict(keep=self.path)
 
 
-def _scandir_quietly(folder):
+def _entries(folder):
+    """The entries of a folder of ours, or none if it is missing or a link."""
     try:
+        if not stat.S_ISDIR(os.lstat(folder).st_mode):
+            return []
         with os.scandir(folder) as entries:
             return list(entries)
     except OSError:
@@ -1918,7 +1988,9 @@ class _AccessRecords:
     def __init__(self, client, interval):
         self.client = client
         self.interval = interval
-        self.denied = False
+        # Denied once, these credentials are denied for every store of the
+        # process that reaches this bucket.
+        self._denied_key = (client.bucket, client.endpoint)
 
     def record(self, item_key, last_modified=None):
         """Record a hit on the result under item_key, if due.
@@ -1926,7 +1998,7 @@ class _AccessRecords:
         ``last_modified`` is when the result was written, if the hit's
         response said it.
         """
-        if self.denied:
+        if self._denied_key in _PROCESS.denied_records:
             return
         now = time.time()
         recorded_key = (self.client.bucket, item_key)
@@ -1945,7 +2017,7 @@ class _AccessRecords:
 
     def _check_denied(self, future):
         if not future.cancelled() and _is_denied(future.exception() or Exception()):
-            self.denied = True
+            _PROCESS.denied_records.add(self._denied_key)
 
 # --------------------------------------------------------------------------
 # 8. The store: joblib's StoreBackendBase and StoreBackendMixin on top of
@@ -2254,7 +2326,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         What earlier backend calls of this thread left and this one does not
         take (the slots named in ``takes``) is let go.
         """
-        self._client.refuse_loop_thread()
+        _refuse_loop_thread()
         call = _joblib_call(depth=3)
         _PROCESS.handover.let_go_all_but(*takes)
         return call
@@ -2330,17 +2402,20 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         One listing request per 1000 keys, nothing per item.
         """
         try:
-            return [item for item, _ in self._list_items()]
+            return [item for item, _, has_result in self._list_items() if has_result]
         except Exception as error:
             self._on_failure("list the cache", error)
 
     def _list_items(self):
-        """Cached results and their keys, from one listing of the cache.
+        """Every item folder: its CacheItemInfo, its keys, and whether it
+        holds a result (an interrupted write, or an access record that
+        landed after an eviction, can leave a folder without one).
 
         An item's last access is the newest LastModified among its objects,
-        its access record included; an item without a result (what an
-        interrupted write or eviction can leave) counts as never used.
+        its access record included. This process's own pending writes and
+        access records land first.
         """
+        _wait_for_background_requests()
         folders = collections.defaultdict(list)
         for obj in self._client.list(self.prefix + "/"):
             folder, _, name = obj["Key"].rpartition("/")
@@ -2349,13 +2424,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         items = []
         for folder, objects in folders.items():
             size = sum(obj["Size"] for obj in objects)
-            if any(obj["Key"].endswith("/" + OUTPUT) for obj in objects):
-                used = max(obj["LastModified"] for obj in objects).timestamp()
-            else:
-                used = 0
+            used = max(obj["LastModified"] for obj in objects).timestamp()
             last_access = datetime.datetime.fromtimestamp(used)
             item = CacheItemInfo(self._client.url(folder), size, last_access)
-            items.append((item, [obj["Key"] for obj in objects]))
+            has_result = any(obj["Key"].endswith("/" + OUTPUT) for obj in objects)
+            items.append((item, [obj["Key"] for obj in objects], has_result))
         return items
 
     # ------------------------------------------------------------ fast paths
@@ -2503,12 +2576,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             if answer is None:
                 raise FileNotFoundError(self._client.url(key))
             found = _Found(self._client.url(key), frozenset(), **answer)
-        if self._parts.local_copies is not None:
+        copies = self._parts.local_copies
+        if copies is not None:
             try:
                 item, opened = self._load_through_copy(key, found)
                 return item, opened, found.last_modified
             except _LocalCopyUnusable as error:
+                # Never a reason to compute again: the result is in S3.
                 self._warn_local(error)
+                if error.path is not None:
+                    copies.remove(error.path)
                 found.let_go()
                 found = _Found(found.url, frozenset(), last_modified=found.last_modified)
         opened = found.opened or self._open(key)
@@ -2517,46 +2594,64 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         return item, opened, found.last_modified or opened.response.get("LastModified")
 
     def _load_through_copy(self, key, found):
-        """Load from a local copy, writing it first if S3 has another version."""
+        """Load from a local copy, writing it first if S3 has another version.
+
+        Any failure of the copy raises _LocalCopyUnusable; a download that
+        breaks or comes short fails the load.
+        """
         copies = self._parts.local_copies
-        if found is not None and found.copy_path is not None:
+        if found.copy_path is not None:
             with copies.held(found.copy_path) as there:
                 if there:
-                    return numpy_pickle.load(found.copy_path, mmap_mode=self.mmap_mode), None
-            found = None  # evicted since the lookup: fetch it again
-        opened = found.opened if found is not None and found.opened else self._open(key)
+                    return self._load_copy(found.copy_path), None
+            found = _Found(found.url, frozenset())  # evicted since the lookup: fetch it again
+        opened = found.opened or self._open(key)
         try:
             new_copy = copies.new(key)
-        except OSError as error:
+        except _LocalCopyUnusable:
             opened.close()
-            raise _LocalCopyUnusable(f"cannot write a copy of {key}: {error}") from None
+            raise
         try:
+            written = 0
             with self._reader(opened) as reader:
-                while True:
-                    chunk = reader.read(_MiB)
-                    if not chunk:
-                        break
+                for chunk in iter(lambda: reader.read(_MiB), b""):
                     try:
                         new_copy.file.write(chunk)
                     except OSError as error:
                         raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
+                    written += len(chunk)
+            if written != opened.size:
+                raise OSError(
+                    f"{self._client.url(key)}: {written} of {opened.size} bytes came"
+                )
             try:
                 path = new_copy.publish(opened.etag)
             except OSError as error:
                 raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
-            return numpy_pickle.load(path, mmap_mode=self.mmap_mode), opened
+            return self._load_copy(path), opened
         finally:
             new_copy.close()
+
+    def _load_copy(self, path):
+        """Unpickle (or map) a local copy held by the caller."""
+        try:
+            return numpy_pickle.load(path, mmap_mode=self.mmap_mode)
+        except Exception as error:
+            raise _LocalCopyUnusable(
+                f"cannot load the local copy {path}: {type(error).__name__}: {error}", path
+            ) from None
 
     def _reload(self, stored):
         """joblib's load of the result this very call just stored: its new
         local copy, mapped, or else the result itself."""
         try:
             if stored.new_copy is not None:
-                return numpy_pickle.load(stored.new_copy.path, mmap_mode=self.mmap_mode)
-            return stored.item
+                return self._load_copy(stored.new_copy.path)
+        except _LocalCopyUnusable as error:
+            self._warn_local(error)
         finally:
             stored.let_go()
+        return stored.item
 
     def _open(self, key):
         """GET the first range of the object at key."""
@@ -2572,7 +2667,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         self._client.warn(
             f"joblib_store cannot use local copies of results ({error}); "
             f"results are loaded from S3 instead.",
-            kind=("local copies", type(error).__name__),
+            kind=("local copies",),
         )
 
     def _report_transfer(self, verb, size, started, key):
@@ -2885,14 +2980,15 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             listed = self._list_items()
         except Exception as error:
             self._on_failure("list the cache", error)
-        listed.sort(key=lambda entry: entry[0].last_access)
-        total_size = sum(item.size for item, _ in listed)
+        # Folders without a result go first; they count as items meanwhile.
+        listed.sort(key=lambda entry: (entry[2], entry[0].last_access))
+        total_size = sum(item.size for item, _, _ in listed)
         extra_items = 0 if items_limit is None else len(listed) - items_limit
         extra_bytes = 0 if bytes_limit is None else total_size - bytes_limit
         deadline = None if age_limit is None else datetime.datetime.now() - age_limit
 
         doomed = []
-        for item, keys in listed:
+        for item, keys, _ in listed:
             too_old = deadline is not None and item.last_access < deadline
             if extra_items <= 0 and extra_bytes <= 0 and not too_old:
                 break

@@ -142,6 +142,7 @@ class S3Server:
         self.requests = []
         self.faults = []
         self.outage = None
+        self.ignore_if_match = False
         self.port = 0
         self._server = None
 
@@ -164,6 +165,8 @@ class S3Server:
             request.ended = time.monotonic()
 
     def _answer(self, request, environ, start_response):
+        if self.ignore_if_match:  # as s3rver does
+            environ.pop("HTTP_IF_MATCH", None)
         answers = [self.outage] + [
             fault(request.operation, request.path, request.query) for fault in list(self.faults)
         ]
@@ -300,6 +303,7 @@ def bucket(s3_server, s3_client):
     yield name
     s3_server.faults.clear()
     s3_server.outage = None
+    s3_server.ignore_if_match = False
     joblib_store._wait_for_background_requests()
     empty_bucket(s3_client, name)
     s3_client.delete_bucket(Bucket=name)
@@ -2478,3 +2482,181 @@ def test_cli_never_prints_credentials(location, filled_cache):
         assert SENTINEL_TOKEN not in result.stdout + result.stderr
 
 
+
+
+# ------------------------------------- what goes wrong around local copies
+
+
+def stored_key(s3_client, bucket, name="output.pkl"):
+    [key] = [k for k in keys_in(s3_client, bucket) if k.endswith("/" + name)]
+    return key
+
+
+def test_a_hit_just_before_reduce_size_counts(location, s3_server):
+    memory = Memory(location, verbose=0, backend_options={"access_interval": 0})
+    cached = store_spaced_items(memory, 3)
+    time.sleep(1.05)
+
+    def slow_record(operation, path, query):
+        if operation == "PutObject" and path.endswith("/last_access"):
+            time.sleep(0.5)
+        return None
+
+    s3_server.faults.append(slow_record)
+    assert cached(0) == 0
+    reduce_size(memory, items_limit=2)  # at once: the record is still in flight
+    assert cached_inputs(memory, cached, 3) == [0, 2]
+
+
+@pytest.mark.parametrize("failure", ["cannot touch", "removed before the load", "cannot load"])
+def test_a_local_copy_that_fails_means_a_load_from_s3_never_a_recompute(
+        location, s3_server, tmp_path, monkeypatch, failure):
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    cached = memory.cache(fresh(identity))
+    value = np.arange(50_000.0)
+    cached(value)
+    if failure == "cannot touch":  # a read-only folder
+        def utime(*args, **kwargs):
+            raise PermissionError("read-only file system")
+        monkeypatch.setattr(os, "utime", utime)
+    elif failure == "removed before the load":  # by a cleaner, not by the store
+        held = joblib_store._LocalCopies.held
+
+        @contextmanager
+        def held_then_removed(self, path):
+            with held(self, path) as there:
+                os.unlink(path)
+                yield there
+        monkeypatch.setattr(joblib_store._LocalCopies, "held", held_then_removed)
+    else:  # truncated by something else
+        [copy] = local_copies(tmp_path)
+        with open(tmp_path / copy, "r+b") as copy_file:
+            copy_file.truncate(100)
+    with s3_server.counting() as hit, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(cached(value), value)
+    assert CALLS == [1]  # not computed again
+    assert hit["PutObject"] == 0  # nor written again
+    assert len([m for m in cache_warnings(caught) if "local copies" in m]) <= 1
+
+
+def test_a_copy_removed_before_joblibs_reload_after_a_miss_returns_the_result(
+        location, tmp_path, monkeypatch):
+    publish = joblib_store._NewCopy.publish
+
+    def published_then_removed(self, etag):
+        path = publish(self, etag)
+        os.unlink(path)
+        return path
+
+    monkeypatch.setattr(joblib_store._NewCopy, "publish", published_then_removed)
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(memory.cache(fresh(random_array))(1000), random_array(1000))
+    assert len(cache_warnings(caught)) == 1
+
+
+def test_a_full_disk_loses_the_local_copy_not_the_result(location, s3_client, bucket, tmp_path,
+                                                         monkeypatch):
+    class FullDisk:
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+        def close(self):
+            raise OSError(28, "No space left on device")
+
+    new = joblib_store._LocalCopies.new
+
+    def on_a_full_disk(self, key):
+        copy = new(self, key)
+        copy.file.close()
+        copy.file = FullDisk()
+        return copy
+
+    monkeypatch.setattr(joblib_store._LocalCopies, "new", on_a_full_disk)
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path)})
+    cached = memory.cache(fresh(random_array))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(cached(1000), random_array(1000))  # a miss
+        np.testing.assert_array_equal(cached(1000), random_array(1000))  # a hit
+    assert len(cache_warnings(caught)) == 1
+    assert any(key.endswith("output.pkl") for key in keys_in(s3_client, bucket))
+    assert list(tmp_path.rglob("*.part")) == [] and local_copies(tmp_path) == []
+
+
+def test_a_load_never_mixes_two_versions_even_where_if_match_is_ignored(
+        location, s3_server, s3_client, bucket):
+    s3_server.ignore_if_match = True
+    cached = Memory(location, verbose=0).cache(fresh(identity))
+    size = 16 * MiB // 8
+    cached(np.ones(size))
+    key = stored_key(s3_client, bucket)
+    rewritten = []
+
+    def rewrite_between_ranges(operation, path, query):
+        if operation == "GetObject" and path.endswith("output.pkl") and not rewritten:
+            rewritten.append(path)  # another process rewrites it after the first range
+            twos = S3StoreBackend()
+            twos.configure(f"s3://{bucket}/cache/joblib")
+            folder = key.split("/")
+            threading.Thread(target=twos.dump_item, args=(
+                [ "/".join(folder[2:-2]), folder[-2]], np.full(size, 2.0))).start()
+            time.sleep(0.5)
+        return None
+
+    s3_server.faults.append(rewrite_between_ranges)
+    result = cached(np.ones(size))
+    assert rewritten
+    assert len(np.unique(result)) == 1  # all of one version, never a mix
+
+
+def test_a_folder_that_others_could_swap_is_refused(location, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)  # not sticky: anyone could rename what is inside
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(shared / "cache")})
+    cached = memory.cache(fresh(random_array))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = [cached(1000), cached(1000)]
+    for result in results:
+        np.testing.assert_array_equal(result, random_array(1000))
+        assert not isinstance(result, np.memmap)
+    messages = cache_warnings(caught)
+    assert len(messages) == 1 and "others may write" in messages[0]
+
+
+def test_a_relative_local_folder_is_found_where_the_store_is_used(location, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    memory = Memory(location, verbose=0, mmap_mode="r", backend_options={"local_cache_dir": "rel"})
+    assert isinstance(memory.cache(fresh(random_array))(1000), np.memmap)
+    assert len(local_copies(tmp_path / "rel")) == 1
+
+
+def test_a_link_inside_the_copies_folder_is_never_followed(location, s3_client, bucket, tmp_path):
+    import hashlib
+
+    memory = Memory(location, verbose=0, mmap_mode="r",
+                    backend_options={"local_cache_dir": str(tmp_path / "copies")})
+    cached = memory.cache(fresh(random_array))
+    cached(1000)
+    key = stored_key(s3_client, bucket)
+    folder = tmp_path / "copies" / "joblib-store-copies" / hashlib.sha256(
+        f"{bucket}\n{key}".encode()).hexdigest()[:32]
+    shutil.rmtree(folder)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / f"{'ab' * 16}.{'cd' * 16}.pkl").write_bytes(b"a user's file")
+    folder.symlink_to(outside)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(cached(1000), random_array(1000))
+        memory.clear(warn=False)
+    assert [p.name for p in outside.iterdir()] == [f"{'ab' * 16}.{'cd' * 16}.pkl"]
+    assert len(cache_warnings(caught)) <= 1
