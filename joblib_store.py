@@ -141,7 +141,9 @@ class _JoblibCall:
     ``anchors`` are the ids of the frames of that call still running (two
     backend calls serve the same joblib call when they share one);
     ``memorized`` is the MemorizedFunc; ``loads_a_hit`` says that a hit
-    found now is loaded right away; ``checking_code`` that joblib is
+    found now is loaded right away; ``shelves_a_miss`` that a result just
+    computed is shelved, not loaded again (Breakpoint: joblib < 1.4 loads
+    it with mmap_mode even when shelving); ``checking_code`` that joblib is
     comparing the function's code; ``validating`` that it is deciding
     whether a stored call is valid.
     """
@@ -149,6 +151,7 @@ class _JoblibCall:
     anchors: frozenset
     memorized: object
     loads_a_hit: bool
+    shelves_a_miss: bool
     checking_code: bool
     validating: bool
 
@@ -159,7 +162,8 @@ def _joblib_call(depth=2):
     ``depth`` counts the frames from here to the backend method's caller.
     """
     frame = sys._getframe(depth)
-    names, anchors, memorized, loads_a_hit = set(), set(), None, False
+    names, anchors, memorized = set(), set(), None
+    loads_a_hit = shelves_a_miss = False
     for _ in range(_FRAMES_SEARCHED):
         if frame is None:
             break
@@ -172,6 +176,8 @@ def _joblib_call(depth=2):
                 anchors.add(id(frame))
             if name == "_cached_call":
                 loads_a_hit = not frame.f_locals.get("shelving", False)
+            if name == "_after_call":
+                shelves_a_miss = bool(frame.f_locals.get("shelving", False))
             if name in _ENTRY_FRAMES:
                 break
         frame = frame.f_back
@@ -181,6 +187,7 @@ def _joblib_call(depth=2):
         anchors=frozenset(anchors),
         memorized=memorized,
         loads_a_hit=loads_a_hit and "check_call_in_cache" not in names,
+        shelves_a_miss=shelves_a_miss,
         checking_code="_check_previous_func_code" in names,
         validating="_is_in_cache_and_valid" in names,
     )
@@ -293,21 +300,20 @@ class _StoreOptions:
         return _endpoint_named_by(self.fs.storage_options if self.fs else self.storage_options)
 
     @property
+    def names_a_connection(self):
+        """Whether these options say how to reach S3: s3fs options or a
+        ready filesystem, beyond the location."""
+        return bool(self.storage_options) or self.fs is not None
+
+    @property
     def uses_local_copies(self):
         return self.local_cache_dir is not None or self.mmap_mode is not None
 
     def credentials_fingerprint(self):
-        """A digest of the credentials given (never shown), for comparisons."""
+        """A digest of every s3fs option given, credentials among them
+        (never shown): stores that differ in any of them differ here."""
         given = self.fs.storage_options if self.fs else self.storage_options
-        client_kwargs = given.get("client_kwargs") or {}
-        named = [
-            given.get(name) or client_kwargs.get(alias)
-            for name, alias in (("key", "aws_access_key_id"),
-                                ("secret", "aws_secret_access_key"),
-                                ("token", "aws_session_token"),
-                                ("profile", "profile_name"), ("anon", "anon"))
-        ]
-        return hashlib.sha256(repr(named).encode("utf-8")).hexdigest()
+        return hashlib.sha256(repr(sorted(given.items())).encode("utf-8")).hexdigest()
 
     @classmethod
     def parse(cls, location, backend_options=None):
@@ -342,6 +348,11 @@ class _StoreOptions:
             )
         if fs is not None and not isinstance(fs, _s3fs().S3FileSystem):
             raise TypeError(f"fs must be an s3fs.S3FileSystem, not {type(fs).__name__}")
+        if fs is not None and fs.asynchronous:
+            raise TypeError(
+                "fs must be made with asynchronous=False: joblib calls the "
+                "store from ordinary code, and the store runs s3fs's loop"
+            )
         compress = ours.pop("compress", False)
         _check_compress(compress)
         mmap_mode = ours.pop("mmap_mode", None)
@@ -658,8 +669,11 @@ _PROCESS = _ProcessState()
 
 
 def _start_afresh():
+    # Options known in the parent (no connection of theirs) stay known.
     global _PROCESS
+    known = dict(_PROCESS.options_by_bucket)
     _PROCESS = _ProcessState()
+    _PROCESS.options_by_bucket = known
 
 
 if hasattr(os, "register_at_fork"):
@@ -750,6 +764,13 @@ def _is_no_credentials(error):
     )
 
 
+class _VersionChanged(OSError):
+    """The object was rewritten while its ranges were being read."""
+
+    def __init__(self, url):
+        super().__init__(f"{url} was rewritten while it was being read")
+
+
 class _WrongThreadError(RuntimeError):
     """A store was used from s3fs's own event loop thread, which would hang."""
 
@@ -764,10 +785,10 @@ def _refuse_loop_thread(loop=None):
     fsspec_asyn = sys.modules.get("fsspec.asyn")
     if running is loop or (fsspec_asyn is not None and running is fsspec_asyn.loop[0]):
         raise _WrongThreadError(
-            "a cached function was called from s3fs's own event loop "
-            "thread, where joblib_store's requests would wait for "
-            "themselves forever: call it from another thread, for "
-            "example with 'await asyncio.to_thread(func, ...)'"
+            "joblib_store was called from s3fs's own event loop thread, "
+            "where its requests would wait for themselves forever: make "
+            "the call (a cached function, Memory(...)) from another thread, "
+            "for example with 'await asyncio.to_thread(func, ...)'"
         )
 
 
@@ -949,6 +970,8 @@ class _BucketClient:
         try:
             self.call("list_objects_v2", Prefix=prefix + "/", MaxKeys=1,
                       timeout=_BUCKET_CHECK_TIMEOUT)
+        except _WrongThreadError:
+            raise
         except Exception as error:
             if not (_is_missing(error) and create_bucket):
                 raise self.bucket_error(error, prefix) from None
@@ -1059,15 +1082,22 @@ class _BucketClient:
         """The bytes first..last of the object whose ETag is etag.
 
         A body that breaks off is read again; a changed object raises
-        botocore's PreconditionFailed, so ranges never mix two versions.
+        _VersionChanged, so ranges never mix two versions.
         """
         for attempt in range(_RANGE_ATTEMPTS):
-            response = await self.request(
-                "get_object", Key=key, Range=f"bytes={first}-{last}", IfMatch=etag
-            )
+            try:
+                response = await self.request(
+                    "get_object", Key=key, Range=f"bytes={first}-{last}", IfMatch=etag
+                )
+            except Exception as error:
+                if _is_missing(error):
+                    raise FileNotFoundError(f"{self.url(key)} does not exist") from None
+                if _error_code(error)[1] == 412:
+                    raise _VersionChanged(self.url(key)) from None
+                raise
             if response["ETag"] != etag:  # a server that ignores If-Match
                 response["Body"].close()
-                raise OSError(f"{self.url(key)} changed while it was being read")
+                raise _VersionChanged(self.url(key))
             try:
                 data = await _read_body(response["Body"])
                 if len(data) == last - first + 1:
@@ -1569,16 +1599,16 @@ class _MultipartWriter(io.RawIOBase):
             raise ValueError(f"commit of an S3 object that is {self._state}")
         if self._created is None:
             body = b"".join(self._take(self._buffered))
-            publishing = self._client._request_after(
-                after, "put_object", Key=self._key, Body=body
-            )
+            publishing = self._client.submit("put_object", after=after, Key=self._key, Body=body)
         else:
             if self._buffered:
                 self._send_part(self._take(self._buffered))
-            publishing = self._complete(after)
+            publishing = self._client.start(self._complete(after))
+        # Only now: an interrupt before this line aborts, one after it lets
+        # the complete, whole result be published.
         self._state = "committed"
         _PROCESS.writers.discard(self)
-        return self._client.start(publishing)
+        return publishing
 
     async def _complete(self, after):
         try:
@@ -1928,6 +1958,12 @@ class _NewCopy:
         self.file = os.fdopen(os.dup(fd), "wb")
         self.path = None
 
+    def __del__(self):
+        # A copy left by a thread that ended: its descriptor and lock go.
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._fd)
+
     def publish(self, etag):
         """Name the copy after its version; raises OSError if it cannot."""
         self.file.close()
@@ -2026,6 +2062,7 @@ class _AccessRecords:
 
 _BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
 _SMALL_RESULT = 1 * _MiB  # uploads this small take a round trip, not bandwidth
+_LOAD_ATTEMPTS = 3  # loads of a result that writers keep replacing meanwhile
 
 # The failure policy. Every failure of S3 that a store meets goes to
 # S3StoreBackend._on_failure with the name of the operation, and this table
@@ -2127,10 +2164,26 @@ def _readable_func_code(data):
 
 
 class _StoreParts:
-    """What a store builds from its options in one process."""
+    """What a store builds from its options in one process.
+
+    Options that name no way to reach S3 (a location alone, as joblib gives
+    for ``MemorizedFunc(f, "s3://...")``) connect as the last store
+    configured in this process for the same bucket and endpoint did, or
+    else through the AWS chain. What was taken from that store stays here,
+    in this process: it is never pickled with the options.
+    """
 
     def __init__(self, options):
-        self.client = _BucketClient(_make_filesystem(options), options.bucket, options.location)
+        connection = options
+        if not options.names_a_connection:
+            with _PROCESS.lock:
+                known = _PROCESS.options_by_bucket.get((options.bucket, options.given_endpoint))
+            if known is not None:
+                connection = dataclasses.replace(
+                    options, storage_options=known.storage_options, fs=known.fs
+                )
+        self.connection = connection
+        self.client = _BucketClient(_make_filesystem(connection), options.bucket, options.location)
         self.local_copies = None
         if options.uses_local_copies:
             self.local_copies = _LocalCopies(
@@ -2189,37 +2242,31 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         configured in this process for the same bucket and endpoint, or
         else with the AWS chain.
         """
-        options = self._inherit(_StoreOptions.parse(location, backend_options))
+        _refuse_loop_thread()
+        options = _StoreOptions.parse(location, backend_options)
+        previous = self.__dict__.get("options")
+        if options.names_a_connection or previous is None or previous.bucket != options.bucket:
+            previous = None
+        if previous is not None:  # configure(store.location) keeps the store as is
+            options = dataclasses.replace(
+                options, storage_options=previous.storage_options, fs=previous.fs
+            )
         parts = _StoreParts(options)
-        checked = (options.bucket, parts.client.endpoint, options.credentials_fingerprint())
+        checked = (options.bucket, parts.client.endpoint,
+                   parts.connection.credentials_fingerprint())
         if checked not in _PROCESS.checked_buckets:
             parts.client.check_bucket(options.prefix, options.create_bucket)
             with _PROCESS.lock:
                 _PROCESS.checked_buckets.add(checked)
         with _PROCESS.lock:
-            _PROCESS.options_by_bucket[(options.bucket, options.given_endpoint)] = options
+            if options.names_a_connection:
+                _PROCESS.options_by_bucket[(options.bucket, options.given_endpoint)] = options
             _PROCESS.parts[self] = parts
         self.options = options
         self.location = options.location
         self.compress = options.compress
         self.mmap_mode = options.mmap_mode
         self.verbose = verbose
-
-    def _inherit(self, options):
-        """Options with no way to reach S3 take it from an earlier store."""
-        if options.storage_options or options.fs is not None:
-            return options
-        previous = self.__dict__.get("options")
-        if previous is None or previous.bucket != options.bucket:
-            with _PROCESS.lock:
-                previous = _PROCESS.options_by_bucket.get(
-                    (options.bucket, options.given_endpoint)
-                )
-        if previous is None:
-            return options
-        return dataclasses.replace(
-            options, storage_options=previous.storage_options, fs=previous.fs
-        )
 
     @property
     def _parts(self):
@@ -2552,7 +2599,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         found = _PROCESS.handover.take("found", url, call)
         started = time.perf_counter()
         try:
-            item, opened, last_modified = self._load(key, found)
+            for attempt in range(_LOAD_ATTEMPTS):
+                try:
+                    item, opened, last_modified = self._load(key, found)
+                    break
+                except _VersionChanged:
+                    # Rewritten meanwhile by another writer of the same call:
+                    # load the version now stored, from the start.
+                    if attempt + 1 == _LOAD_ATTEMPTS:
+                        raise
+                    found = None
         except FileNotFoundError:
             # The words of joblib's own backend.
             raise KeyError(
@@ -2724,7 +2780,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         url = self._client.url(key)
         anchors = call.anchors if call is not None else frozenset()
         # joblib maps a result right after storing it when mmap_mode is set.
-        reloaded = item if self.mmap_mode is not None else None
+        reloads = self.mmap_mode is not None and not (call and call.shelves_a_miss)
+        reloaded = item if reloads else None
         function = self._function(func_id)
         if function.off:
             self._leave_stored(url, anchors, reloaded)

@@ -143,6 +143,7 @@ class S3Server:
         self.faults = []
         self.outage = None
         self.ignore_if_match = False
+        self.scope = None  # the bucket whose requests recording() keeps
         self.port = 0
         self._server = None
 
@@ -228,7 +229,11 @@ class S3Server:
 
     @contextmanager
     def recording(self):
-        """The requests received inside the block, as Request objects."""
+        """The requests received inside the block, as Request objects.
+
+        Only those for the bucket of the test (``scope``): a request that a
+        process of an earlier test left in flight does not count.
+        """
         with self._lock:
             start = len(self.requests)
         received = []
@@ -236,7 +241,10 @@ class S3Server:
             yield received
         finally:
             with self._lock:
-                received.extend(self.requests[start:])
+                received.extend(
+                    request for request in self.requests[start:]
+                    if self.scope is None or request.path.split("/")[1] == self.scope
+                )
 
     @contextmanager
     def counting(self):
@@ -300,7 +308,9 @@ def empty_bucket(client, name, multipart=True):
 def bucket(s3_server, s3_client):
     name = f"test-{uuid.uuid4().hex[:20]}"
     s3_client.create_bucket(Bucket=name)
+    s3_server.scope = name
     yield name
+    s3_server.scope = None
     s3_server.faults.clear()
     s3_server.outage = None
     s3_server.ignore_if_match = False
@@ -731,7 +741,8 @@ def test_a_location_alone_takes_credentials_only_from_the_same_endpoint(
     # The environment names the same endpoint: the options given are reused.
     same = S3StoreBackend()
     same.configure(first.location)
-    assert same.options.storage_options == first.options.storage_options
+    assert same._parts.connection.storage_options == first.options.storage_options
+    assert same.options.storage_options == {}  # and they are never pickled with it
     # It names another endpoint (here another name of the same server):
     # nothing given for the first one travels there.
     monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server.url.replace("127.0.0.1", "localhost"))
@@ -2660,3 +2671,99 @@ def test_a_link_inside_the_copies_folder_is_never_followed(location, s3_client, 
         memory.clear(warn=False)
     assert [p.name for p in outside.iterdir()] == [f"{'ab' * 16}.{'cd' * 16}.pkl"]
     assert len(cache_warnings(caught)) <= 1
+
+
+# ------------------------------------------ what goes wrong around processes
+
+
+def noisy_array(size):
+    """A different array at every call, as a simulation with no seed."""
+    return np.random.rand(size)
+
+
+def test_concurrent_misses_of_one_key_never_fail_a_hit(location, caplog):
+    from joblib import Parallel, delayed
+
+    cached = Memory(location, verbose=0).cache(fresh(noisy_array))
+    size = 8 * MiB // 8
+    with no_warnings():
+        results = Parallel(n_jobs=8, backend="threading")(
+            delayed(cached)(size) for _ in range(24))
+    assert all(result.shape == (size,) for result in results)
+    assert not [r for r in caplog.records if "Exception while loading" in r.getMessage()]
+
+
+def test_shelved_misses_hold_no_file_open(location, tmp_path):
+    memory = Memory(location, verbose=0, mmap_mode="r", backend_options={
+        "local_cache_dir": str(tmp_path), "local_cache_bytes_limit": 1})
+    cached = memory.cache(fresh(random_array))
+    before = len(os.listdir("/proc/self/fd"))
+    shelved = [cached.call_and_shelve(size) for size in range(1000, 1020)]
+    assert len(os.listdir("/proc/self/fd")) - before < 5
+    assert len(local_copies(tmp_path)) <= 1  # the limit could evict them all
+    np.testing.assert_array_equal(shelved[3].get(), random_array(1003))
+
+
+def test_a_store_from_a_location_alone_never_pickles_anothers_credentials(
+        location, s3_server):
+    Memory(location, verbose=0, backend_options={
+        "endpoint_url": s3_server.url, "key": "testing", "secret": "testing",
+        "token": SENTINEL_TOKEN})
+    direct = MemorizedFunc(square, location + "/joblib", backend="s3", verbose=0)
+    assert direct(4) == 16
+    assert SENTINEL_TOKEN.encode() not in pickle.dumps(direct)
+    assert SENTINEL_TOKEN.encode() not in pickle.dumps(Memory(location, verbose=0))
+
+
+def test_a_forked_child_reaches_the_bucket_as_its_parent_did(location, s3_server, monkeypatch):
+    # Credentials given in backend_options only, none in the environment.
+    Memory(location, verbose=0, backend_options={
+        "endpoint_url": s3_server.url, "key": "testing", "secret": "testing",
+        "token": "testing"})
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
+        monkeypatch.delenv(name)
+    reader, writer = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a threaded process
+        child = os.fork()
+    if child == 0:  # pragma: no cover (the child reports through the pipe)
+        try:
+            value = MemorizedFunc(abs, location + "/joblib", backend="s3", verbose=0)(-3)
+            os.write(writer, str(value).encode())
+        finally:
+            os._exit(0)
+    os.close(writer)
+    os.waitpid(child, 0)
+    assert os.read(reader, 100) == b"3"
+
+
+def test_a_shelved_result_cleared_while_it_loads_is_a_key_error(location, s3_server):
+    cached = Memory(location, verbose=0).cache(fresh(random_array))
+    size = 16 * MiB // 8
+    cached(size)
+    shelved = cached.call_and_shelve(size)
+    gets = []
+
+    def cleared_after_the_first_range(operation, path, query):
+        if operation == "GetObject" and path.endswith("output.pkl"):
+            gets.append(path)
+            if len(gets) > 1:
+                return (404, "NoSuchKey")
+        return None
+
+    s3_server.faults.append(cleared_after_the_first_range)
+    with pytest.raises(KeyError):
+        shelved.get()
+
+
+def test_memory_built_on_s3fs_event_loop_thread_raises_instead_of_hanging(location, bucket):
+    import fsspec.asyn
+
+    loop = Memory(location, verbose=0).store_backend.fs.loop
+
+    async def on_the_loop():
+        return Memory(f"s3://{bucket}/elsewhere", verbose=0,
+                      backend_options={"skip_instance_cache": True})
+
+    with pytest.raises(RuntimeError, match="event loop thread"):
+        fsspec.asyn.sync(loop, on_the_loop, timeout=30)
