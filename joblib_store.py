@@ -587,11 +587,17 @@ class _Stored(_Handed):
             self.new_copy.close()
 
 
-class _Handover(threading.local):
-    """This thread's slots of handed-over work: ``found``, ``publishing``
-    and ``stored``. What a later backend call does not take is let go."""
+@dataclasses.dataclass
+class _Unstored(_Handed):
+    """A result that could not be stored: its metadata is not sent."""
 
-    found = publishing = stored = None
+
+class _Handover(threading.local):
+    """This thread's slots of handed-over work: ``found``, ``publishing``,
+    ``stored`` and ``unstored``. What a later backend call does not take is
+    let go."""
+
+    found = publishing = stored = unstored = None
 
     def put(self, slot, handed):
         self._let_go(slot)
@@ -609,7 +615,7 @@ class _Handover(threading.local):
         return None
 
     def let_go_all_but(self, *slots):
-        for slot in ("publishing", "found", "stored"):
+        for slot in ("publishing", "found", "stored", "unstored"):
             if slot not in slots:
                 self._let_go(slot)
 
@@ -669,11 +675,21 @@ _PROCESS = _ProcessState()
 
 
 def _start_afresh():
-    # Options known in the parent (no connection of theirs) stay known.
+    """In a forked child: nothing of the parent's connections, event loop,
+    locks or requests. What it knew stays known: the options of its stores,
+    and its functions' code states, since joblib's own record of checked
+    code survives the fork. A function whose code write was still in flight
+    is off until checked again."""
     global _PROCESS
-    known = dict(_PROCESS.options_by_bucket)
+    parent = _PROCESS
     _PROCESS = _ProcessState()
-    _PROCESS.options_by_bucket = known
+    _PROCESS.options_by_bucket = dict(parent.options_by_bucket)
+    for name, function in parent.functions.items():
+        _PROCESS.functions[name] = _FunctionState(
+            off=function.off or function.code_write is not None,
+            code=function.code,
+            code_missing=function.code_missing,
+        )
 
 
 if hasattr(os, "register_at_fork"):
@@ -735,6 +751,17 @@ def _is_denied(error):
 def _is_not_modified(error):
     code, status = _error_code(error)
     return status == 304 or code in ("304", "NotModified")
+
+
+def _last_modified_of(error):
+    """The Last-Modified an error answer (a 304) carries, or None."""
+    headers = getattr(error, "response", {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return parsedate_to_datetime(headers["last-modified"])
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
 def _is_answer(error):
@@ -894,9 +921,9 @@ class _BucketClient:
         """The URL requests go to (never with credentials)."""
         if self._endpoint is None:
             try:
-                self._endpoint = self.fs.s3.meta.endpoint_url
+                self._endpoint = _without_userinfo(self.fs.s3.meta.endpoint_url)
             except Exception:
-                return self.fs.endpoint_url or "the default AWS endpoint"
+                return _without_userinfo(self.fs.endpoint_url) or "the default AWS endpoint"
         return self._endpoint
 
     def url(self, key):
@@ -1116,10 +1143,13 @@ class _BucketClient:
 
     def list(self, prefix):
         """Every object under a key prefix, one request per 1000 keys."""
+        return self.run(self.list_all(prefix))
+
+    async def list_all(self, prefix):
         objects = []
         kwargs = {"Prefix": prefix, "MaxKeys": _LIST_PAGE}
         while True:
-            page = self.call("list_objects_v2", **kwargs)
+            page = await self.request("list_objects_v2", **kwargs)
             objects.extend(page.get("Contents", ()))
             if not page.get("IsTruncated"):
                 return objects
@@ -1127,10 +1157,12 @@ class _BucketClient:
 
     def delete(self, keys):
         """Delete keys, 1000 per request; a missing key is not an error."""
-        keys = list(keys)
+        return self.run(self.delete_all(list(keys)))
+
+    async def delete_all(self, keys):
         for start in range(0, len(keys), _DELETE_BATCH):
             batch = keys[start:start + _DELETE_BATCH]
-            response = self.call(
+            response = await self.request(
                 "delete_objects",
                 Delete={"Objects": [{"Key": key} for key in batch], "Quiet": True},
             )
@@ -1165,6 +1197,16 @@ class _BucketClient:
             _PROCESS.warned = {
                 warned for warned in _PROCESS.warned if warned[1] != self.endpoint
             }
+
+
+def _without_userinfo(url):
+    """A URL without the user and password it may carry."""
+    if not url or "@" not in url:
+        return url
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
 
 
 async def _outcome(future):
@@ -1549,12 +1591,8 @@ class _MultipartWriter(io.RawIOBase):
         self._pieces.append(memoryview(chunk))
         self._buffered += len(chunk)
         self._written += len(chunk)
-        try:
-            while self._buffered >= self._current_part_size():
-                self._send_part(self._take(self._current_part_size()))
-        except BaseException as error:
-            self.error = error
-            raise
+        while self._buffered >= self._current_part_size():
+            self._send_part(self._take(self._current_part_size()))
         return len(chunk)
 
     def _current_part_size(self):
@@ -1575,6 +1613,13 @@ class _MultipartWriter(io.RawIOBase):
         return views
 
     def _send_part(self, views):
+        try:
+            self._start_part(views)
+        except BaseException as error:
+            self.error = error  # the upload's failure, not the pickling's
+            raise
+
+    def _start_part(self, views):
         if len(self._parts) == _MAX_PARTS:
             raise OSError(
                 f"the result is too large for one S3 object with "
@@ -1632,6 +1677,9 @@ class _MultipartWriter(io.RawIOBase):
                 await asyncio.wrap_future(part)
         try:
             created = await _outcome(self._created)
+        except Exception:
+            return  # no upload was made: nothing to abort
+        try:
             await self._client.request(
                 "abort_multipart_upload", Key=self._key, UploadId=created["UploadId"]
             )
@@ -2051,6 +2099,11 @@ class _AccessRecords:
         future.add_done_callback(self._check_denied)
         _PROCESS.track(future)
 
+    def written(self, item_key):
+        """A result written now counts as used now."""
+        with _PROCESS.lock:
+            _PROCESS.recorded[(self.client.bucket, item_key)] = time.time()
+
     def _check_denied(self, future):
         if not future.cancelled() and _is_denied(future.exception() or Exception()):
             _PROCESS.denied_records.add(self._denied_key)
@@ -2090,6 +2143,7 @@ _FAILURE_POLICY = {
     "clear a result": {_RAISE},
     "clear the cache": {_RAISE},
     "list the cache": {_RAISE},
+    "evict results": {_RAISE},
 }
 # A load that fails raises to joblib, which recomputes (a miss) for a call
 # and raises for MemorizedResult.get(); a load right after a miss (joblib
@@ -2234,8 +2288,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             for every hit when given, and for memory-mapped hits, under
             ``$XDG_CACHE_HOME/joblib_store`` by default, when ``mmap_mode``
             is set); ``local_cache_bytes_limit`` (default 10 GiB, or a
-            string such as '500M'); and joblib's own ``compress`` and
-            ``mmap_mode``.
+            string such as '500M'). joblib's own ``compress`` and
+            ``mmap_mode`` come from Memory's arguments of those names.
 
         A location alone (joblib configures ``MemorizedFunc(f, "s3://...")``
         that way) reaches the bucket with the options of the last store
@@ -2548,6 +2602,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             found["last_modified"] = answer.get("LastModified")
         elif _is_not_modified(answer):
             found["copy_path"] = copy[1]
+            found["last_modified"] = _last_modified_of(answer)
         elif isinstance(answer, FileNotFoundError) or _is_missing(answer):
             found = None
         elif _error_code(answer)[0] == "InvalidRange":
@@ -2562,7 +2617,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 error = metadata
             else:
                 found["metadata"] = _metadata_of(metadata)
-                if "time" not in found["metadata"]:
+                written = found["metadata"].get("time")
+                if isinstance(written, bool) or not isinstance(written, (int, float)):
                     found = None  # not what joblib writes: a miss, as above
         if (found is None or error is not None) and isinstance(answer, _OpenedObject):
             answer.close()
@@ -2760,7 +2816,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             if timestamp is not None:
                 elapsed = "{: <16}".format(format_time(time.time() - timestamp))
             signature = posixpath.basename(call_id[0])
-            if metadata is not None and "input_args" in metadata:
+            if isinstance(metadata, dict) and isinstance(metadata.get("input_args"), dict):
                 arguments = ", ".join(
                     f"{name}={value}"
                     for name, value in metadata["input_args"].items()
@@ -2794,8 +2850,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             self._client, key, self.options.part_size, self.options.max_concurrency,
             copy_to=new_copy.file if new_copy is not None else None,
         )
+        after = function.code_write
         try:
             _dump(item, writer, self.compress)
+            committed = writer.commit(after=after)
         except BaseException as error:
             writer.abort()
             if new_copy is not None:
@@ -2803,6 +2861,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             if not isinstance(error, Exception):
                 raise  # an interrupt: nothing was published
             self._leave_stored(url, anchors, reloaded)
+            self._leave_unstored(url, anchors)
             if error is writer.error:
                 self._on_failure("store a result", error)
             else:  # the result itself: a warning for each function
@@ -2818,9 +2877,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             self._warn_local(writer.copy_error)
             new_copy.close()
             new_copy = None
-        after = function.code_write
         publishing = _Publishing(
-            url, anchors, store=self, future=writer.commit(after=after), after=after,
+            url, anchors, store=self, future=committed, after=after,
             new_copy=new_copy, item=reloaded, started=started, size=writer.tell(),
         )
         _PROCESS.track(publishing.future)
@@ -2831,6 +2889,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             # store_metadata sends next; a large one ends here, as joblib
             # would warn of a slow store_metadata.
             _PROCESS.handover.put("publishing", publishing)
+
+    def _leave_unstored(self, url, anchors):
+        """Note that the result of this joblib call was not stored."""
+        if anchors:
+            _PROCESS.handover.put("unstored", _Unstored(url, anchors))
 
     def _leave_stored(self, url, anchors, item, new_copy=None):
         """Leave a result just stored for joblib's reload of it (mmap_mode)."""
@@ -2855,18 +2918,20 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         key = self._key_of_url(publishing.url)
         func_id = self._func_id_of(key)
         try:
-            response = publishing.future.result()
+            response, failure = publishing.future.result(), None
         except Exception as error:
-            response = None
-            after = publishing.after
-            code_failed = (after is not None and after.done() and not after.cancelled()
-                           and after.exception() is not None)
+            response, failure = None, error
+        # A failed code write (which the upload waited for) turns the
+        # function off, and that warning says it all.
+        code_failed = self._function(func_id).off
+        if failure is not None:
+            self._leave_unstored(publishing.url, publishing.anchors)
             if not code_failed:
-                self._on_failure("store a result", error)
-            self._function(func_id)  # a failed code write turns the function off
+                self._on_failure("store a result", failure)
         new_copy = publishing.new_copy
         if response is not None:
             self._report_transfer("Stored", publishing.size, publishing.started, key)
+            self._parts.access_records.written(posixpath.dirname(key))
         if new_copy is not None:
             try:
                 if response is None:
@@ -2881,7 +2946,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             try:
                 metadata_write.result()
             except Exception as error:
-                self._on_failure("store metadata", error)
+                if not code_failed:
+                    self._on_failure("store metadata", error)
         # joblib maps the result next; its new copy stays held till then.
         self._leave_stored(publishing.url, publishing.anchors, publishing.item, new_copy)
 
@@ -2890,11 +2956,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         return posixpath.dirname(posixpath.dirname(key))[len(self.prefix) + 1:]
 
     def store_metadata(self, call_id, metadata):
-        call = self._begin("publishing", "stored")
+        call = self._begin("publishing", "stored", "unstored")
         url = self._client.url(self._key_of_call(call_id, OUTPUT))
         publishing = _PROCESS.handover.take("publishing", url, call)
         function = self._function(call_id[0])
-        if function.off:
+        if function.off or _PROCESS.handover.take("unstored", url, call):
+            # No metadata for a result that is not stored.
             if publishing is not None:
                 self._finish_publishing(publishing)
             return
@@ -2910,7 +2977,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         try:
             metadata_write.result()
         except Exception as error:
-            self._on_failure("store metadata", error)
+            if not self._function(call_id[0]).off:  # else its warning says it all
+                self._on_failure("store metadata", error)
 
     def clear_item(self, call_id):
         # The names are known: one DeleteObjects, no listing.
@@ -2951,45 +3019,35 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         func_id = call_id[0]
         function = self._function(func_id)
         function.code = func_code
-        if function.off:
+        during_a_call = call is not None and call.checking_code
+        if function.off and during_a_call:
             return  # the check that turns it back on writes it
         key = self._key_of_call(call_id, FUNC_CODE)
         clear_first = function.code_missing
         function.code_missing = False
         write = self._client.start(self._write_func_code(key, func_code, clear_first))
-        if call is not None and call.checking_code:
-            # During a call, the write goes on while the function computes;
-            # its results wait for it before they become visible.
+        if during_a_call:
+            # The write goes on while the function computes; its results
+            # wait for it before they become visible.
             function.code_write = write
             _PROCESS.track(write)
             return
-        try:
+        try:  # func.clear(): its results are gone, now its code is written
             write.result()
         except Exception as error:
             self._on_failure("store function code after a clear", error, func_id)
+        function.off = False
 
     async def _write_func_code(self, key, func_code, clear_first):
         client = self._client
-        writing = client.request("put_object", Key=key, Body=func_code.encode("utf-8"))
-        if not clear_first:
-            await writing
-            return
-        # Results with no code beside them (an expired or deleted
-        # func_code.py) may be of any code: they go before a result of this
-        # code can appear next to them. The listing goes out beside the write.
-        folder = posixpath.dirname(key) + "/"
-        listed, _ = await asyncio.gather(
-            client.request("list_objects_v2", Prefix=folder), writing
-        )
-        stale = [obj["Key"] for obj in listed.get("Contents", ()) if obj["Key"] != key]
-        if listed.get("IsTruncated"):
-            stale = [obj["Key"] for obj in await asyncio.to_thread(client.list, folder)
-                     if obj["Key"] != key]
-        for start in range(0, len(stale), _DELETE_BATCH):
-            await client.request("delete_objects", Delete={
-                "Objects": [{"Key": name} for name in stale[start:start + _DELETE_BATCH]],
-                "Quiet": True,
-            })
+        if clear_first:
+            # Results with no code beside them (an expired or deleted
+            # func_code.py, or a second cache of one process, where joblib
+            # writes no code) may be of any code: they go before this code
+            # is written, so that none of them is ever next to it.
+            stale = await client.list_all(posixpath.dirname(key) + "/")
+            await client.delete_all([obj["Key"] for obj in stale])
+        await client.request("put_object", Key=key, Body=func_code.encode("utf-8"))
 
     def get_cached_func_code(self, call_id):
         # joblib reads an OSError as "no code stored yet" and then stores
@@ -3058,7 +3116,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             try:
                 self._delete(key for _, keys in doomed for key in keys)
             except Exception as error:
-                self._on_failure("clear a result", error)
+                self._on_failure("evict results", error)
         return [item for item, _ in doomed]
 
     if not _HAS_ENFORCE_STORE_LIMITS:

@@ -1449,30 +1449,42 @@ CODE_CHANGE_REQUESTS = {
 }
 
 
+CODE_CHANGE_PROGRAM = """
+    import sys, warnings
+    sys.path.insert(0, {folder!r})
+    from joblib import Memory
+    import joblib_store
+    import changing
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        memory = Memory({location!r}, verbose=0, backend_options={options!r})
+        cached = memory.cache(changing.f)
+        print([cached(1), cached(2), cached(1)])
+    print(len([w for w in caught if issubclass(w.category, joblib_store.CacheWarning)]))
+    """
+
+
+def old_results_then_new_code(location, folder, s3_client=None, bucket=None):
+    """Cache f(x) = x + 1 for x = 1 and 2, then change it to x + 100 (with
+    s3_client, its func_code.py goes too, as a lifecycle rule would do)."""
+    module = folder / "changing.py"
+    program = CODE_CHANGE_PROGRAM.format(folder=str(folder), location=location,
+                                         options=FAST_FAILURE)
+    module.write_text("def f(x):\n    return x + 1\n")
+    assert run_python(program).split("\n")[0] == "[2, 3, 2]"
+    module.write_text("def f(x):\n    return x + 100\n")
+    if s3_client is not None:
+        s3_client.delete_object(Bucket=bucket, Key=stored_key(s3_client, bucket, "func_code.py"))
+    return program
+
+
 @pytest.mark.parametrize("answer", [(503, "SlowDown"), "reset", "stall"],
                          ids=["503", "reset", "stall"])
 @pytest.mark.parametrize("request_name", list(CODE_CHANGE_REQUESTS))
 def test_changed_code_under_faults_never_returns_old_results(
         location, s3_server, tmp_path, request_name, answer):
-    # f(x) = x + 1 is cached for x = 1 and 2; then its code changes to
-    # x + 100, and a request of the code-change path fails past the retries.
-    module = tmp_path / "changing.py"
-    program = f"""
-        import sys, warnings
-        sys.path.insert(0, {str(tmp_path)!r})
-        from joblib import Memory
-        import joblib_store
-        import changing
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            memory = Memory({location!r}, verbose=0, backend_options={FAST_FAILURE!r})
-            cached = memory.cache(changing.f)
-            print([cached(1), cached(2), cached(1)])
-        print(sum("turned the cache off" in str(w.message) for w in caught))
-        """
-    module.write_text("def f(x):\n    return x + 1\n")
-    assert run_python(program).split("\n")[0] == "[2, 3, 2]"
-    module.write_text("def f(x):\n    return x + 100\n")
+    # A request of the code-change path fails past the retries.
+    program = old_results_then_new_code(location, tmp_path)
     matches = CODE_CHANGE_REQUESTS[request_name]
     s3_server.faults.append(
         lambda operation, path, query: answer if matches(operation, path, query) else None)
@@ -1484,6 +1496,43 @@ def test_changed_code_under_faults_never_returns_old_results(
     s3_server.faults.clear()
     after = run_python(program, PYTHONDONTWRITEBYTECODE="1").split("\n")
     assert after[:2] == ["[101, 102, 101]", "0"]
+
+
+@pytest.mark.parametrize("request_name", [None, "list to clear", "delete to clear", "put func_code"])
+def test_results_left_without_their_code_are_never_served_to_new_code(
+        location, s3_server, s3_client, bucket, tmp_path, request_name):
+    program = old_results_then_new_code(location, tmp_path, s3_client, bucket)
+    if request_name is not None:
+        matches = CODE_CHANGE_REQUESTS[request_name]
+        s3_server.faults.append(
+            lambda operation, path, query: (503, "SlowDown") if matches(operation, path, query)
+            else None)
+    during = run_python(program, PYTHONDONTWRITEBYTECODE="1").split("\n")
+    assert during[0] == "[101, 102, 101]"
+    s3_server.faults.clear()
+    assert run_python(program, PYTHONDONTWRITEBYTECODE="1").split("\n")[:2] == [
+        "[101, 102, 101]", "0"]
+
+
+def forked_f(x):
+    return FORKED["cached"](x)
+
+
+def test_forked_workers_keep_a_function_off_while_its_parent_does(
+        location, s3_server, tmp_path, monkeypatch):
+    old_results_then_new_code(location, tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "changing", raising=False)
+    import changing
+
+    s3_server.faults.append(
+        lambda operation, path, query: (503, "SlowDown") if operation == "DeleteObjects" else None)
+    FORKED["cached"] = Memory(location, verbose=0, backend_options=FAST_FAILURE).cache(changing.f)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert [forked_f(1), forked_f(2)] == [101, 102]  # the cache is off here
+        with multiprocessing.get_context("fork").Pool(2) as pool:
+            assert pool.map(forked_f, [1, 2, 1, 2]) == [101, 102, 101, 102]
 
 
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
@@ -2544,11 +2593,12 @@ def test_a_local_copy_that_fails_means_a_load_from_s3_never_a_recompute(
         [copy] = local_copies(tmp_path)
         with open(tmp_path / copy, "r+b") as copy_file:
             copy_file.truncate(100)
-    with s3_server.counting() as hit, warnings.catch_warnings(record=True) as caught:
+    with s3_server.recording() as hit, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         np.testing.assert_array_equal(cached(value), value)
     assert CALLS == [1]  # not computed again
-    assert hit["PutObject"] == 0  # nor written again
+    # nor written again
+    assert [r.path for r in hit if r.operation == "PutObject"] == [], cache_warnings(caught)
     assert len([m for m in cache_warnings(caught) if "local copies" in m]) <= 1
 
 
@@ -2767,3 +2817,93 @@ def test_memory_built_on_s3fs_event_loop_thread_raises_instead_of_hanging(locati
 
     with pytest.raises(RuntimeError, match="event loop thread"):
         fsspec.asyn.sync(loop, on_the_loop, timeout=30)
+
+
+# ------------------------------------------ what goes wrong around failures
+
+
+def test_a_failed_part_found_at_the_commit_never_fails_the_call(
+        location, s3_server, s3_client, bucket):
+    # The first part fails while the last is being sent, at the commit.
+    options = {**FAST_FAILURE, "part_size": 5 * MiB, "max_concurrency": 2}
+    cached = Memory(location, verbose=0, backend_options=options).cache(fresh(random_array))
+    s3_server.faults.append(
+        lambda operation, path, query: (500, "InternalError")
+        if operation == "UploadPart" and "partNumber=1&" in query + "&" else None)
+    size = 12 * MiB // 8
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        np.testing.assert_array_equal(cached(size), random_array(size))
+    assert any("store a result" in message for message in cache_warnings(caught))
+    assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
+    assert not cached.check_call_in_cache(size)
+
+
+def test_func_clear_raises_every_time_it_cannot_write_the_code(location, s3_server):
+    cached = Memory(location, verbose=0, backend_options=FAST_FAILURE).cache(fresh(square))
+    cached(2)
+    s3_server.faults.append(
+        lambda operation, path, query: (403, "AccessDenied")
+        if operation == "PutObject" and path.endswith("/func_code.py") else None)
+    for _ in range(2):
+        with pytest.raises(PermissionError):
+            cached.clear(warn=False)
+    s3_server.faults.clear()
+    cached.clear(warn=False)  # and once it can, the cache is back on
+    assert cached(2) == 4 and cached(2) == 4 and CALLS == [2, 2]
+
+
+def test_an_outage_costs_a_bounded_delay_for_large_results_too(location, s3_server):
+    options = {**FAST_FAILURE, "part_size": 5 * MiB, "max_concurrency": 2}
+    cached = Memory(location, verbose=0, backend_options=options).cache(fresh(random_array))
+    size = 12 * MiB // 8
+    cached(size)
+    s3_server.outage = "reset"
+    delays = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            cached(size + 1)  # the first failure is detected here
+            for extra in range(2, 5):
+                started = time.monotonic()
+                np.testing.assert_array_equal(cached(size + extra), random_array(size + extra))
+                delays.append(time.monotonic() - started)
+    finally:
+        s3_server.outage = None
+    assert max(delays) <= 2.0, delays
+    assert not any("abort" in message for message in cache_warnings(caught))
+    np.testing.assert_array_equal(cached(size), random_array(size))
+
+
+@needs_joblib_13
+@pytest.mark.parametrize("written", ['"x"', "null", "[1]", "{}", "true"])
+def test_metadata_whose_time_is_not_a_number_is_a_miss(location, s3_client, bucket, written):
+    from joblib.memory import expires_after
+
+    cached = Memory(location, verbose=0).cache(
+        fresh(square), cache_validation_callback=expires_after(minutes=5))
+    cached(2)
+    key = stored_key(s3_client, bucket, "metadata.json")
+    s3_client.put_object(Bucket=bucket, Key=key,
+                         Body=f'{{"duration": 1, "input_args": {{}}, "time": {written}}}'.encode())
+    with no_warnings():
+        assert not cached.check_call_in_cache(2)
+        assert cached(2) == 4
+    assert CALLS == [2, 2]
+
+
+def test_metadata_with_odd_input_args_never_breaks_a_verbose_load(location, s3_client, bucket):
+    cached = Memory(location, verbose=10).cache(fresh(square))
+    cached(2)
+    key = stored_key(s3_client, bucket, "metadata.json")
+    s3_client.put_object(Bucket=bucket, Key=key, Body=b'{"time": 1, "input_args": [1, 2]}')
+    assert cached.call_and_shelve(2).get() == 4
+
+
+def test_credentials_in_an_endpoint_url_are_never_shown(bucket):
+    port = unreachable_url().rsplit(":", 1)[1]
+    with pytest.raises(ConnectionError) as raised:
+        Memory(f"s3://{bucket}/cache", verbose=0, backend_options={
+            "endpoint_url": f"http://user:{SENTINEL_SECRET}@127.0.0.1:{port}"})
+    assert SENTINEL_SECRET not in str(raised.value)
+    assert f"127.0.0.1:{port}" in str(raised.value)
