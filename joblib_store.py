@@ -30,8 +30,9 @@ The module reads top to bottom, in these parts:
 2. The layout of a cache in a bucket.
 3. Options: what ``configure`` receives, validated into one immutable
    ``_StoreOptions``.
-4. Per-process state: clients, checked buckets, outages, functions whose
-   cache is off; a forked child starts afresh.
+4. Per-process state: checked buckets, outages, functions whose cache is
+   off, and what one backend call hands to the next of the same joblib
+   call; a forked child starts afresh.
 5. The bucket client: every request, the translation of errors into the
    exceptions users see, outages and warnings. Nothing joblib-specific.
 6. Transfers: the ranged reader, the multipart writer and zlib, the one
@@ -1492,39 +1493,47 @@ class _InflatingReader(io.RawIOBase):
             self._raw.close()
 
 
-class _PartBody(io.RawIOBase):
+class _PartBody:
     """The bytes of one uploaded part, read in place from joblib's buffers.
 
-    Given bytes, aiohttp would write a part in one go, and asyncio would keep
-    a second copy of what the socket did not take at once; read from a file
-    object, it is sent in small pieces, and the pieces are never joined.
+    botocore reads it as a file (to sign it, or to send it again after a
+    failure); aiohttp iterates over it a quarter MiB at a time, waiting for
+    the socket between pieces. So the pieces are never joined, asyncio never
+    keeps a copy of a whole part, and no piece costs a hop to a thread, as
+    it would for a file object.
     """
 
+    _PIECE = 256 * 1024
+
     def __init__(self, views):
-        super().__init__()
         self._views = views
         self._starts = list(itertools.accumulate([0] + [len(view) for view in views]))
         self._size = self._starts[-1]
         self._position = 0
 
-    def readable(self):
-        return True
+    def _piece(self, limit):
+        """The next bytes, at most limit, as a view; advance past them."""
+        index = bisect.bisect_right(self._starts, self._position) - 1
+        offset = self._position - self._starts[index]
+        piece = self._views[index][offset:offset + limit]
+        self._position += len(piece)
+        return piece
 
-    def seekable(self):
-        return True
+    def read(self, size=-1):
+        if size is None or size < 0:
+            size = self._size
+        pieces = []
+        while size > 0 and self._position < self._size:
+            pieces.append(self._piece(size))
+            size -= len(pieces[-1])
+        return b"".join(pieces)
 
-    def readinto(self, buffer):
-        target = memoryview(buffer).cast("B")
-        filled = 0
-        while filled < len(target) and self._position < self._size:
-            index = bisect.bisect_right(self._starts, self._position) - 1
-            view = self._views[index]
-            offset = self._position - self._starts[index]
-            size = min(len(view) - offset, len(target) - filled)
-            target[filled:filled + size] = view[offset:offset + size]
-            filled += size
-            self._position += size
-        return filled
+    async def _pieces(self):
+        while self._position < self._size:
+            yield self._piece(self._PIECE)
+
+    def __aiter__(self):
+        return self._pieces()
 
     def seek(self, offset, whence=io.SEEK_SET):
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}
@@ -1612,14 +1621,14 @@ class _MultipartWriter(io.RawIOBase):
             self._buffered -= len(piece)
         return views
 
-    def _send_part(self, views):
+    def _send_part(self, views, last=False):
         try:
-            self._start_part(views)
+            self._start_part(views, last)
         except BaseException as error:
             self.error = error  # the upload's failure, not the pickling's
             raise
 
-    def _start_part(self, views):
+    def _start_part(self, views, last):
         if len(self._parts) == _MAX_PARTS:
             raise OSError(
                 f"the result is too large for one S3 object with "
@@ -1627,7 +1636,9 @@ class _MultipartWriter(io.RawIOBase):
             )
         if self._created is None:
             self._created = self._client.submit("create_multipart_upload", Key=self._key)
-        while len(self._in_flight) >= self._max_concurrency:
+        # The last part (often the pickle's few closing bytes) does not wait
+        # for a free slot: the upload would wait for one part's time for it.
+        while len(self._in_flight) >= self._max_concurrency and not last:
             self._in_flight.popleft().result()
         future = self._client.start(_upload_part(
             self._client, self._key, self._created, len(self._parts) + 1, views
@@ -1647,7 +1658,7 @@ class _MultipartWriter(io.RawIOBase):
             publishing = self._client.submit("put_object", after=after, Key=self._key, Body=body)
         else:
             if self._buffered:
-                self._send_part(self._take(self._buffered))
+                self._send_part(self._take(self._buffered), last=True)
             publishing = self._client.start(self._complete(after))
         # Only now: an interrupt before this line aborts, one after it lets
         # the complete, whole result be published.
