@@ -2206,12 +2206,20 @@ del _name
 
 
 def _metadata_of(data):
-    """The metadata in a metadata.json, or {} where it is not a JSON object."""
+    """The metadata in a metadata.json, or {} where it is not a JSON object.
+
+    An ``input_args`` that is not an object is left out: joblib before 1.4
+    reads it with ``.items()`` to print a load's message.
+    """
     try:
         metadata = json.loads(data.decode("utf-8"))
     except ValueError:
         return {}
-    return metadata if isinstance(metadata, dict) else {}
+    if not isinstance(metadata, dict):
+        return {}
+    if not isinstance(metadata.get("input_args", {}), dict):
+        del metadata["input_args"]
+    return metadata
 
 
 def _readable_func_code(data):

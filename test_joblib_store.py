@@ -28,6 +28,7 @@ import textwrap
 import threading
 import time
 import types
+import urllib.parse
 import uuid
 import warnings
 from collections import Counter
@@ -54,6 +55,8 @@ needs_joblib_14 = pytest.mark.skipif(
     reason=f"joblib {joblib.__version__} cannot cache coroutine functions "
     f"(new in 1.4)",
 )
+# check_call_in_cache applies the validation callback from joblib 1.5 on.
+CHECK_VALIDATES = JOBLIB_VERSION >= (1, 5)
 MiB = 2**20
 STALL_SECONDS = 2  # a stalled response outlasts the 1 s read timeout of the tests
 FAST_FAILURE = {"config_kwargs": {"read_timeout": 1, "connect_timeout": 1,
@@ -1196,6 +1199,24 @@ def test_request_budget_of_a_hit_in_a_fresh_process(location, bucket, s3_server,
         ("GetObject", "func_code.py"), ("GetObject", "output.pkl")] * 3, operations
 
 
+def hold_the_result_until_its_metadata(s3_server, operation):
+    """Make the server answer a request (operation) on a result only once the
+    same request on its metadata arrived: a call completes at once only if
+    both went out together (the hold gives up after 10 s otherwise)."""
+    metadata_arrived = threading.Event()
+    seen = {}
+
+    def hold_the_result(request_operation, path, query):
+        if request_operation == operation and path.endswith("/metadata.json"):
+            metadata_arrived.set()
+        if request_operation == operation and path.endswith("/output.pkl"):
+            seen["together"] = metadata_arrived.wait(timeout=10)
+        return None
+
+    s3_server.faults.append(hold_the_result)
+    return seen
+
+
 @needs_joblib_13
 def test_request_budget_of_a_hit_with_a_validation_callback(location, s3_server):
     from joblib.memory import expires_after
@@ -1203,19 +1224,7 @@ def test_request_budget_of_a_hit_with_a_validation_callback(location, s3_server)
     cached = Memory(location, verbose=0).cache(
         fresh(square), cache_validation_callback=expires_after(minutes=5))
     cached(2)
-    metadata_asked = threading.Event()
-    seen = {}
-
-    def hold_the_result(operation, path, query):
-        # The result's GET is answered only once the metadata's GET arrived:
-        # the hit is quick only if both went out together.
-        if operation == "GetObject" and path.endswith("/metadata.json"):
-            metadata_asked.set()
-        if operation == "GetObject" and path.endswith("/output.pkl"):
-            seen["together"] = metadata_asked.wait(timeout=10)
-        return None
-
-    s3_server.faults.append(hold_the_result)
+    seen = hold_the_result_until_its_metadata(s3_server, "GetObject")
     with s3_server.counting() as hit:
         assert cached(2) == 4
     assert hit == Counter({"GetObject": 2}) and seen == {"together": True}
@@ -1269,20 +1278,7 @@ def test_listing_costs_one_request_per_thousand_keys(location, s3_server, s3_cli
 def test_a_miss_sends_the_metadata_beside_the_result(location, s3_server):
     cached = Memory(location, verbose=0).cache(fresh(square))
     cached(1)  # the function's code is stored
-    metadata_arrived = threading.Event()
-    seen = {}
-
-    def hold_the_result(operation, path, query):
-        # The server answers the result's PUT only once the metadata's PUT
-        # has arrived too: the call completes at once only if both went out
-        # together, and the hold gives up after 10 s otherwise.
-        if operation == "PutObject" and path.endswith("/metadata.json"):
-            metadata_arrived.set()
-        if operation == "PutObject" and path.endswith("/output.pkl"):
-            seen["together"] = metadata_arrived.wait(timeout=10)
-        return None
-
-    s3_server.faults.append(hold_the_result)
+    seen = hold_the_result_until_its_metadata(s3_server, "PutObject")
     assert cached(2) == 4
     assert seen == {"together": True}
     assert cached.check_call_in_cache(2)
@@ -1535,28 +1531,51 @@ def test_forked_workers_keep_a_function_off_while_its_parent_does(
             assert pool.map(forked_f, [1, 2, 1, 2]) == [101, 102, 101, 102]
 
 
+@contextmanager
+def uploading_in_another_process(s3_server, bucket, code):
+    """Run code in another Python process; enter once its upload has begun.
+
+    The server holds the upload's later parts back until the block ends, so
+    what the block does to the process lands mid-upload, however loaded the
+    machine."""
+    released = threading.Event()
+
+    def hold_later_parts(operation, path, query):
+        if (operation == "UploadPart" and bucket in path
+                and urllib.parse.parse_qs(query).get("partNumber") != ["1"]):
+            released.wait(60)
+
+    s3_server.faults.append(hold_later_parts)
+    seen = len(s3_server.requests)
+    writer = subprocess.Popen(
+        [sys.executable, "-c", "import signal, sys\nfrom joblib import Memory\n"
+         "import test_joblib_store as t\n" + textwrap.dedent(code)],
+        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while not any(request.operation == "UploadPart" and bucket in request.path
+                      for request in s3_server.requests[seen:]):
+            assert time.monotonic() < deadline and writer.poll() is None, "no upload started"
+            time.sleep(0.01)
+        yield writer
+        time.sleep(0.5)  # for a signal to land before the upload may go on
+    finally:
+        released.set()
+        s3_server.faults.remove(hold_later_parts)
+
+
 @pytest.mark.parametrize("signal_name", ["SIGINT", "SIGTERM"])
 def test_an_interrupted_store_publishes_nothing(location, s3_server, s3_client, bucket, signal_name):
     size = 64 * MiB // 8
-    writer = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            import signal, sys
-            from joblib import Memory
-            import test_joblib_store as t
+    with uploading_in_another_process(s3_server, bucket, f"""
             # As on a spot instance being reclaimed: SIGTERM ends the program.
             signal.signal(signal.SIGTERM, lambda number, frame: sys.exit(1))
             memory = Memory({location!r}, verbose=0,
                             backend_options={{"part_size": 5 * 2**20, "max_concurrency": 2}})
             memory.cache(t.random_array)({size})
-            """)],
-        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE},
-    )
-    deadline = time.monotonic() + 60
-    while not any(request.operation == "UploadPart" and bucket in request.path
-                  for request in list(s3_server.requests)):
-        assert time.monotonic() < deadline and writer.poll() is None, "no upload started"
-        time.sleep(0.01)
-    writer.send_signal(getattr(signal, signal_name))
+            """) as writer:
+        writer.send_signal(getattr(signal, signal_name))
     assert writer.wait(timeout=60) != 0
     assert not any(key.endswith("output.pkl") for key in keys_in(s3_client, bucket))
     assert s3_client.list_multipart_uploads(Bucket=bucket).get("Uploads", []) == []
@@ -1619,20 +1638,10 @@ def test_a_failed_upload_is_aborted_and_the_result_returned(location, s3_server,
 
 def test_a_writer_killed_mid_upload_leaves_nothing_to_load(location, s3_server, s3_client, bucket):
     size = 64 * MiB // 8
-    writer = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(f"""
-            from joblib import Memory
-            import test_joblib_store as t
+    with uploading_in_another_process(s3_server, bucket, f"""
             Memory({location!r}, verbose=0).cache(t.random_array)({size})
-            """)],
-        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE},
-    )
-    deadline = time.monotonic() + 60
-    while not any(request.operation == "UploadPart" and bucket in request.path
-                  for request in list(s3_server.requests)):
-        assert time.monotonic() < deadline and writer.poll() is None, "no upload started"
-        time.sleep(0.01)
-    writer.send_signal(signal.SIGKILL)
+            """) as writer:
+        writer.send_signal(signal.SIGKILL)
     writer.wait()
     assert not any(key.endswith("output.pkl") for key in keys_in(s3_client, bucket))
     cached = Memory(location, verbose=0).cache(random_array)
@@ -1677,7 +1686,7 @@ def test_unreadable_metadata_with_a_validation_callback_is_a_miss(
         s3_server.faults.append(one_fault("GetObject", (404, "NoSuchKey"), "metadata.json"))
     with no_warnings():
         if damage != "late":
-            assert not cached.check_call_in_cache(2)
+            assert cached.check_call_in_cache(2) is not CHECK_VALIDATES
         assert cached(2) == 4
     assert CALLS == [2, 2]  # computed again, and stored again
     assert "time" in json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
@@ -2887,7 +2896,7 @@ def test_metadata_whose_time_is_not_a_number_is_a_miss(location, s3_client, buck
     s3_client.put_object(Bucket=bucket, Key=key,
                          Body=f'{{"duration": 1, "input_args": {{}}, "time": {written}}}'.encode())
     with no_warnings():
-        assert not cached.check_call_in_cache(2)
+        assert cached.check_call_in_cache(2) is not CHECK_VALIDATES
         assert cached(2) == 4
     assert CALLS == [2, 2]
 
