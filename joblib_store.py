@@ -1319,6 +1319,21 @@ def _first_range_length(part_size):
     return part_size // 2
 
 
+def _byte_ranges(size, part_size, max_concurrency):
+    """The (first, last) byte ranges a load fetches after its first range.
+
+    Ranges are of equal length, near half a part (smaller for an object
+    that would not fill ``max_concurrency`` connections): no short range
+    at the end costs a round trip of its own.
+    """
+    start = min(size, _first_range_length(part_size))
+    rest = size - start
+    target = max(_MIN_RANGE, min(_first_range_length(part_size), -(-rest // max_concurrency)))
+    count = max(1, round(rest / target))
+    bounds = [start + rest * index // count for index in range(count + 1)]
+    return [(first, end - 1) for first, end in zip(bounds, bounds[1:]) if end > first]
+
+
 class _RangedReader(io.RawIOBase):
     """Read one object as concurrent byte ranges, handed over in order.
 
@@ -1334,17 +1349,8 @@ class _RangedReader(io.RawIOBase):
         self._key = opened.key
         self._etag = opened.etag
         self._max_concurrency = max_concurrency
-        size = opened.size
-        first_end = min(size, _first_range_length(part_size))
-        rest = size - first_end
-        range_size = max(
-            _MIN_RANGE,
-            min(_first_range_length(part_size), -(-rest // max_concurrency)),
-        )
         self._ranges = collections.deque(
-            (start, min(start + range_size, size) - 1)
-            for start in range(first_end, size, range_size)
-        )
+            _byte_ranges(opened.size, part_size, max_concurrency))
         self._fetching = collections.deque([opened.body])
         self._current = memoryview(b"")
         self._fetch_more()

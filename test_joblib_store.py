@@ -1242,7 +1242,7 @@ def test_request_budget_of_large_transfers(location, s3_server):
     # 8 MiB parts; loads in ranges of 4 MiB, the first with the lookup.
     assert storing == Counter({"GetObject": 1, "CreateMultipartUpload": 1, "UploadPart": 9,
                                "CompleteMultipartUpload": 1, "PutObject": 1}), storing
-    assert loading == Counter({"GetObject": 17}), loading
+    assert loading == Counter({"GetObject": 16}), loading
 
 
 def test_request_budget_of_reduce_size_clear_and_listing(location, s3_server):

@@ -23,6 +23,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -108,9 +109,26 @@ def serve(port_file):
 
     server = make_server("127.0.0.1", 0, app, threaded=True,
                          request_handler=MotoRequestHandler)
-    with open(port_file, "w") as f:
-        f.write(str(server.server_port))
+    with open(port_file + ".part", "w") as file:
+        file.write(str(server.server_port))
+    os.replace(port_file + ".part", port_file)  # whole, for start_server
     server.serve_forever()
+
+
+def start_server():
+    """Start serve() in its own process; return the process and its port."""
+    folder = tempfile.mkdtemp()
+    port_file = os.path.join(folder, "port")
+    server = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--serve", port_file],
+                              env={**os.environ, **ENVIRONMENT})
+    while not os.path.exists(port_file):
+        if server.poll() is not None:
+            raise RuntimeError("the S3 server did not start")
+        time.sleep(0.1)
+    with open(port_file) as file:
+        port = int(file.read())
+    shutil.rmtree(folder)
+    return server, port
 
 
 def server_counts(endpoint):
@@ -296,12 +314,9 @@ def main():
     arguments = parser.parse_args()
     os.environ.update(ENVIRONMENT)
 
-    port_file = tempfile.mktemp()
-    server = subprocess.Popen([sys.executable, __file__, "--serve", port_file])
+    server, port = start_server()
     try:
-        while not os.path.exists(port_file) or not open(port_file).read():
-            time.sleep(0.1)
-        endpoint = f"http://127.0.0.1:{open(port_file).read()}"
+        endpoint = f"http://127.0.0.1:{port}"
         import boto3
 
         bucket = f"bench-{uuid.uuid4().hex[:12]}"
@@ -315,7 +330,6 @@ def main():
     finally:
         server.terminate()
         server.wait()
-        os.unlink(port_file)
 
 
 def report_calls(endpoint, bucket):

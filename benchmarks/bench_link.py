@@ -42,7 +42,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
-from bench_joblib_store import ENVIRONMENT, make_payload  # noqa: E402
+from bench_joblib_store import ENVIRONMENT, make_payload, start_server  # noqa: E402
 
 MiB = 2**20
 SIZES = {"64MiB": 64 * MiB, "256MiB": 256 * MiB}
@@ -170,17 +170,6 @@ def run_fresh(kind, spec):
     if output.returncode:
         raise RuntimeError(output.stderr)
     return json.loads(output.stdout.strip().splitlines()[-1])
-
-
-def start_server():
-    port_file = tempfile.mktemp()
-    server = subprocess.Popen([sys.executable, os.path.join(HERE, "bench_joblib_store.py"),
-                               "--serve", port_file], env={**os.environ, **ENVIRONMENT})
-    while not os.path.exists(port_file) or not open(port_file).read():
-        time.sleep(0.1)
-    port = int(open(port_file).read())
-    os.unlink(port_file)
-    return server, port
 
 
 def spread(values):
