@@ -1228,11 +1228,12 @@ async def _read_body(body):
 # live here and nowhere else.
 #
 # A load is a GET of the first range (part_size / 2 bytes: most results come
-# whole with it), then the rest in ranges of at most that size, up to
-# max_concurrency at a time, handed to the unpickler in order. A store
-# uploads parts of part_size bytes, up to max_concurrency at a time, while
-# the next part is being pickled. So a transfer holds at most
-# max_concurrency parts (stores) or half-parts (loads) in memory.
+# whole with it), then the rest in equal ranges, max_concurrency at a time,
+# handed to the unpickler in order: one wave of ranges of up to a part when
+# the rest fits, else waves of ranges of up to half a part. A store uploads
+# parts of part_size bytes, up to max_concurrency at a time, while the next
+# part is being pickled. So a transfer holds at most max_concurrency parts
+# in memory, and a large load max_concurrency half-parts.
 # --------------------------------------------------------------------------
 
 # S3 takes up to 5 GiB per part and 10 000 parts per upload.
@@ -1322,14 +1323,18 @@ def _first_range_length(part_size):
 def _byte_ranges(size, part_size, max_concurrency):
     """The (first, last) byte ranges a load fetches after its first range.
 
-    Ranges are of equal length, near half a part (smaller for an object
-    that would not fill ``max_concurrency`` connections): no short range
-    at the end costs a round trip of its own.
+    Ranges of equal length go out in waves of ``max_concurrency``, so no
+    short range at the end costs a round trip of its own: what fits in one
+    wave of at most a part each goes in one wave, a larger object in waves
+    of ranges of at most half a part (which bounds the bytes held at once).
     """
     start = min(size, _first_range_length(part_size))
     rest = size - start
-    target = max(_MIN_RANGE, min(_first_range_length(part_size), -(-rest // max_concurrency)))
-    count = max(1, round(rest / target))
+    if rest <= max_concurrency * part_size:
+        count = max(1, min(max_concurrency, rest // _MIN_RANGE))
+    else:
+        wave = max_concurrency * _first_range_length(part_size)
+        count = max_concurrency * -(-rest // wave)
     bounds = [start + rest * index // count for index in range(count + 1)]
     return [(first, end - 1) for first, end in zip(bounds, bounds[1:]) if end > first]
 
@@ -2305,7 +2310,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             ``s3_additional_kwargs``, ...); ``fs``, a ready
             ``S3FileSystem``; ``create_bucket`` (default False);
             ``part_size`` (bytes per uploaded part, default 8 MiB; loads
-            read ranges of half that) and ``max_concurrency`` (requests in
+            read ranges of up to that) and ``max_concurrency`` (requests in
             flight for one transfer, default 8); ``access_interval``
             (seconds or a timedelta, default one hour: how stale a result's
             last-access time may get before a hit records it again);
