@@ -32,7 +32,6 @@ import io
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.dirname(HERE))
 
+import bench_joblib_store  # noqa: E402
 from bench_joblib_store import ENVIRONMENT, make_payload, start_server  # noqa: E402
 
 MiB = 2**20
@@ -162,14 +162,7 @@ def measure_transfer(spec):
 
 
 def run_fresh(kind, spec):
-    output = subprocess.run(
-        [sys.executable, __file__, kind, json.dumps(spec)],
-        capture_output=True, text=True, check=False,
-        env={**os.environ, **ENVIRONMENT},
-    )
-    if output.returncode:
-        raise RuntimeError(output.stderr)
-    return json.loads(output.stdout.strip().splitlines()[-1])
+    return bench_joblib_store.run_fresh(kind, spec, script=__file__)
 
 
 def spread(values):
