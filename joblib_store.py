@@ -62,6 +62,7 @@ import inspect
 import io
 import itertools
 import json
+import math
 import os
 import posixpath
 import queue
@@ -1104,7 +1105,19 @@ class _BucketClient:
                 raise FileNotFoundError(f"{self.url(key)} does not exist") from None
             raise
         body = response.pop("Body")
-        return _OpenedObject(key, response, self.start(_read_body(body)))
+        first_body = self._first_body(key, body, response["ContentLength"], response["ETag"])
+        return _OpenedObject(key, response, self.start(first_body))
+
+    async def _first_body(self, key, body, length, etag):
+        """The bytes of an opened first range; one that breaks off is read
+        again, from the same version."""
+        try:
+            data = await _read_body(body)
+            if len(data) == length:
+                return data
+        except Exception:
+            pass
+        return await self.read_range(key, 0, length - 1, etag)
 
     async def read_range(self, key, first, last, etag):
         """The bytes first..last of the object whose ETag is etag.
@@ -1490,6 +1503,8 @@ class _InflatingReader(io.RawIOBase):
                     break
                 if isinstance(item, BaseException):
                     self._finished = True
+                    if isinstance(item, OSError):
+                        raise item  # as a plain load raises it (a rewrite is retried)
                     raise OSError(f"reading a compressed result failed: {item}") from item
                 self._pending = memoryview(item)
             size = min(len(self._pending), len(target) - filled)
@@ -2233,6 +2248,16 @@ def _metadata_of(data):
     return metadata
 
 
+def _is_a_time(value):
+    """Whether value is a time as joblib writes it: a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
+
+
 def _readable_func_code(data):
     """Stored function code as joblib can compare it, whatever the bytes.
 
@@ -2647,8 +2672,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 error = metadata
             else:
                 found["metadata"] = _metadata_of(metadata)
-                written = found["metadata"].get("time")
-                if isinstance(written, bool) or not isinstance(written, (int, float)):
+                if not _is_a_time(found["metadata"].get("time")):
                     found = None  # not what joblib writes: a miss, as above
         if (found is None or error is not None) and isinstance(answer, _OpenedObject):
             answer.close()

@@ -1341,6 +1341,53 @@ def test_a_hit_that_meets_a_transient_fault_still_hits(location, s3_server, oper
     assert fault.fired, "the fault was never injected"
 
 
+def test_a_lookup_whose_body_breaks_off_is_read_again(location, s3_server):
+    # A small result comes whole with the lookup's GET: its body is read
+    # again rather than the function run again.
+    cached = Memory(location, verbose=0).cache(fresh(identity))
+    value = np.arange(1000)
+    cached(value)
+    fault = one_fault("GetObject", "cut")
+    s3_server.faults.append(fault)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", joblib_store.CacheWarning)
+        np.testing.assert_array_equal(cached(value), value)
+    assert fault.fired and CALLS == [1]
+
+
+@pytest.mark.parametrize("how", ["call", "get"])
+@pytest.mark.parametrize("compress", [0, 3], ids=["raw", "zlib"])
+def test_a_result_rewritten_during_its_load_is_loaded_again(
+        location, s3_server, s3_client, bucket, compress, how):
+    options = {"part_size": 5 * MiB}
+    cached = Memory(location, verbose=0, compress=compress,
+                    backend_options=options).cache(fresh(identity))
+    first, second = (np.random.RandomState(seed).rand(2 * MiB) for seed in (1, 2))
+    cached(first)
+    key = stored_key(s3_client, bucket)
+    Memory(f"s3://{bucket}/other", verbose=0, compress=compress,
+           backend_options=options).cache(fresh(identity))(second)
+    other_key = next(k for k in keys_in(s3_client, bucket)
+                     if k.startswith("other/") and k.endswith("output.pkl"))
+    gets = []
+
+    def rewrite_after_the_lookup(operation, path, query):
+        # Another writer replaces the result between the lookup and the ranges.
+        if operation == "GetObject" and path.endswith(key):
+            gets.append(path)
+            if len(gets) == 2:
+                s3_client.copy_object(Bucket=bucket, Key=key,
+                                      CopySource={"Bucket": bucket, "Key": other_key})
+        return None
+
+    s3_server.faults.append(rewrite_after_the_lookup)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", joblib_store.CacheWarning)
+        result = cached(first) if how == "call" else cached.call_and_shelve(first).get()
+    np.testing.assert_array_equal(result, second)  # the new version, whole
+    assert CALLS == [1, 1]  # loaded again, never recomputed
+
+
 @pytest.mark.parametrize("answer", ["cut", (503, "SlowDown"), "reset"],
                          ids=["body cut off", "503", "reset"])
 def test_a_range_that_fails_is_read_again(location, s3_server, answer):
@@ -2885,7 +2932,10 @@ def test_an_outage_costs_a_bounded_delay_for_large_results_too(location, s3_serv
 
 
 @needs_joblib_13
-@pytest.mark.parametrize("written", ['"x"', "null", "[1]", "{}", "true"])
+@pytest.mark.parametrize("written", ['"x"', "null", "[1]", "{}", "true", "NaN", "Infinity",
+                                     "-Infinity", "1e400", "1" + "0" * 400],
+                         ids=["string", "null", "list", "object", "bool", "NaN", "inf",
+                              "-inf", "1e400", "huge int"])
 def test_metadata_whose_time_is_not_a_number_is_a_miss(location, s3_client, bucket, written):
     from joblib.memory import expires_after
 
