@@ -39,8 +39,9 @@ The module reads top to bottom, in these parts:
    place where byte ranges, parts and their concurrency live.
 7. Local copies of results, and access records for least-recently-used
    eviction, each a small class owned by the store.
-8. The store, ``S3StoreBackend``: joblib's backend contract on top of the
-   parts above, and the failure policy, stated and applied in one place.
+8. The store: lookups and loads of results (``_ResultLoads``), then
+   ``S3StoreBackend``, joblib's backend contract on top of the parts above,
+   and the failure policy, stated and applied in one place.
 9. Registration with joblib.
 10. The command line.
 
@@ -2272,6 +2273,202 @@ def _readable_func_code(data):
     return text
 
 
+class _ResultLoads:
+    """Lookups and loads of results, for one store in one process.
+
+    A lookup is one GET that answers "is it there" and starts the load of
+    the same call; a load reads ranges, through a local copy where the store
+    keeps them, and starts again when another writer replaced the result.
+    """
+
+    def __init__(self, client, options, local_copies):
+        self._client = client
+        self._part_size = options.part_size
+        self._max_concurrency = options.max_concurrency
+        self._mmap_mode = options.mmap_mode
+        self._copies = local_copies
+
+    def load(self, key, found):
+        """Load the result at key: the item, the GET that moved its bytes (or
+        None), and when the result was written (if known).
+
+        ``found`` is what the lookup of the same joblib call learned; without
+        it (``MemorizedResult.get()``, say) the load makes that lookup now.
+        A result rewritten meanwhile by another writer of the same call is
+        loaded again, in the version now stored.
+        """
+        for attempt in range(_LOAD_ATTEMPTS):
+            try:
+                return self._load_once(key, found)
+            except _VersionChanged:
+                if attempt + 1 == _LOAD_ATTEMPTS:
+                    raise
+                found = None
+
+    def current_copy(self, key):
+        """The ETag and path of a local copy of key, if local copies work."""
+        copies = self._copies
+        if copies is None:
+            return None
+        try:
+            return copies.find(key)
+        except _LocalCopyUnusable as error:
+            self.warn_local(error)
+            return None
+
+    async def look_up(self, key, loads, validates, copy):
+        """Whether a result is stored, and what its lookup learned.
+
+        The result's GET (or HEAD) and, for a validation callback, the
+        metadata's GET go out together. An entry whose metadata cannot be
+        read is a miss when a callback needs it.
+        """
+        client = self._client
+        if loads:
+            conditions = {"IfNoneMatch": copy[0]} if copy else {}
+            output = client.open_range(
+                key, _first_range_length(self._part_size), **conditions
+            )
+        else:
+            output = client.request("head_object", Key=key)
+        requests = [output]
+        if validates:
+            requests.append(client.read(posixpath.join(posixpath.dirname(key), METADATA)))
+        answers = await asyncio.gather(*requests, return_exceptions=True)
+        found, error = {}, None
+        answer = answers[0]
+        if isinstance(answer, _OpenedObject):
+            found["opened"] = answer
+            found["last_modified"] = answer.response.get("LastModified")
+        elif isinstance(answer, dict):
+            found["last_modified"] = answer.get("LastModified")
+        elif _is_not_modified(answer):
+            found["copy_path"] = copy[1]
+            found["last_modified"] = _last_modified_of(answer)
+        elif isinstance(answer, FileNotFoundError) or _is_missing(answer):
+            found = None
+        elif _error_code(answer)[0] == "InvalidRange":
+            found = None  # an empty object: no result was ever complete there
+        else:
+            error = answer
+        if validates and found is not None and error is None:
+            metadata = answers[1]
+            if isinstance(metadata, FileNotFoundError):
+                found = None  # not written (yet): a miss, recomputed and rewritten
+            elif isinstance(metadata, BaseException):
+                error = metadata
+            else:
+                found["metadata"] = _metadata_of(metadata)
+                if not _is_a_time(found["metadata"].get("time")):
+                    found = None  # not what joblib writes: a miss, as above
+        if (found is None or error is not None) and isinstance(answer, _OpenedObject):
+            answer.close()
+        if error is not None:
+            raise error
+        return found
+
+    def _load_once(self, key, found):
+        """One attempt of load()."""
+        if found is None:
+            answer = self._client.run(self.look_up(key, True, False, self.current_copy(key)))
+            if answer is None:
+                raise FileNotFoundError(self._client.url(key))
+            found = _Found(self._client.url(key), frozenset(), **answer)
+        copies = self._copies
+        if copies is not None:
+            try:
+                item, opened = self._load_through_copy(key, found)
+                return item, opened, found.last_modified
+            except _LocalCopyUnusable as error:
+                # Never a reason to compute again: the result is in S3.
+                self.warn_local(error)
+                if error.path is not None:
+                    copies.remove(error.path)
+                found.let_go()
+                found = _Found(found.url, frozenset(), last_modified=found.last_modified)
+        opened = found.opened or self.open(key)
+        with self.reader(opened) as reader:
+            item = _load(reader)
+        return item, opened, found.last_modified or opened.response.get("LastModified")
+
+    def _load_through_copy(self, key, found):
+        """Load from a local copy, writing it first if S3 has another version.
+
+        Any failure of the copy raises _LocalCopyUnusable; a download that
+        breaks or comes short fails the load.
+        """
+        copies = self._copies
+        if found.copy_path is not None:
+            with copies.held(found.copy_path) as there:
+                if there:
+                    return self.load_copy(found.copy_path), None
+            found = _Found(found.url, frozenset())  # evicted since the lookup: fetch it again
+        opened = found.opened or self.open(key)
+        try:
+            new_copy = copies.new(key)
+        except _LocalCopyUnusable:
+            opened.close()
+            raise
+        try:
+            written = 0
+            with self.reader(opened) as reader:
+                for chunk in iter(lambda: reader.read(_MiB), b""):
+                    try:
+                        new_copy.file.write(chunk)
+                    except OSError as error:
+                        raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
+                    written += len(chunk)
+            if written != opened.size:
+                raise OSError(
+                    f"{self._client.url(key)}: {written} of {opened.size} bytes came"
+                )
+            try:
+                path = new_copy.publish(opened.etag)
+            except OSError as error:
+                raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
+            return self.load_copy(path), opened
+        finally:
+            new_copy.close()
+
+    def load_copy(self, path):
+        """Unpickle (or map) a local copy held by the caller."""
+        try:
+            return numpy_pickle.load(path, mmap_mode=self._mmap_mode)
+        except Exception as error:
+            raise _LocalCopyUnusable(
+                f"cannot load the local copy {path}: {type(error).__name__}: {error}", path
+            ) from None
+
+    def reload(self, stored):
+        """joblib's load of the result this very call just stored: its new
+        local copy, mapped, or else the result itself."""
+        try:
+            if stored.new_copy is not None:
+                return self.load_copy(stored.new_copy.path)
+        except _LocalCopyUnusable as error:
+            self.warn_local(error)
+        finally:
+            stored.let_go()
+        return stored.item
+
+    def open(self, key):
+        """GET the first range of the object at key."""
+        client = self._client
+        return client.run(client.open_range(key, _first_range_length(self._part_size)))
+
+    def reader(self, opened):
+        return _RangedReader(
+            self._client, opened, self._part_size, self._max_concurrency
+        )
+
+    def warn_local(self, error):
+        self._client.warn(
+            f"joblib_store cannot use local copies of results ({error}); "
+            f"results are loaded from S3 instead.",
+            kind=("local copies",),
+        )
+
+
 class _StoreParts:
     """What a store builds from its options in one process.
 
@@ -2299,6 +2496,7 @@ class _StoreParts:
                 options.local_cache_dir, options.local_cache_bytes_limit, options.bucket
             )
         self.access_records = _AccessRecords(self.client, options.access_interval)
+        self.loads = _ResultLoads(self.client, options, self.local_copies)
 
 
 class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
@@ -2510,7 +2708,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         """
         key = self._key_of_url(f)
         if mode == "rb":
-            return io.BufferedReader(self._reader(self._open(key)), buffer_size=_MiB)
+            loads = self._parts.loads
+            return io.BufferedReader(loads.reader(loads.open(key)), buffer_size=_MiB)
         if mode == "wb":
             return _ObjectFile(
                 self._client, key, self.options.part_size, self.options.max_concurrency
@@ -2606,9 +2805,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             call is not None and call.validating
             and getattr(call.memorized, "cache_validation_callback", None) is not None
         )
-        copy = self._current_copy(key) if loads else None
+        copy = self._parts.loads.current_copy(key) if loads else None
         try:
-            found = self._client.run(self._look_up(key, loads, validates, copy))
+            found = self._client.run(self._parts.loads.look_up(key, loads, validates, copy))
         except Exception as error:
             self._on_failure("check the cache", error)
             return False
@@ -2617,68 +2816,6 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         if call is not None:
             _PROCESS.handover.put("found", _Found(self._client.url(key), call.anchors, **found))
         return True
-
-    def _current_copy(self, key):
-        """The ETag and path of a local copy of key, if local copies work."""
-        copies = self._parts.local_copies
-        if copies is None:
-            return None
-        try:
-            return copies.find(key)
-        except _LocalCopyUnusable as error:
-            self._warn_local(error)
-            return None
-
-    async def _look_up(self, key, loads, validates, copy):
-        """Whether a result is stored, and what its lookup learned.
-
-        The result's GET (or HEAD) and, for a validation callback, the
-        metadata's GET go out together. An entry whose metadata cannot be
-        read is a miss when a callback needs it.
-        """
-        client = self._client
-        if loads:
-            conditions = {"IfNoneMatch": copy[0]} if copy else {}
-            output = client.open_range(
-                key, _first_range_length(self.options.part_size), **conditions
-            )
-        else:
-            output = client.request("head_object", Key=key)
-        requests = [output]
-        if validates:
-            requests.append(client.read(posixpath.join(posixpath.dirname(key), METADATA)))
-        answers = await asyncio.gather(*requests, return_exceptions=True)
-        found, error = {}, None
-        answer = answers[0]
-        if isinstance(answer, _OpenedObject):
-            found["opened"] = answer
-            found["last_modified"] = answer.response.get("LastModified")
-        elif isinstance(answer, dict):
-            found["last_modified"] = answer.get("LastModified")
-        elif _is_not_modified(answer):
-            found["copy_path"] = copy[1]
-            found["last_modified"] = _last_modified_of(answer)
-        elif isinstance(answer, FileNotFoundError) or _is_missing(answer):
-            found = None
-        elif _error_code(answer)[0] == "InvalidRange":
-            found = None  # an empty object: no result was ever complete there
-        else:
-            error = answer
-        if validates and found is not None and error is None:
-            metadata = answers[1]
-            if isinstance(metadata, FileNotFoundError):
-                found = None  # not written (yet): a miss, recomputed and rewritten
-            elif isinstance(metadata, BaseException):
-                error = metadata
-            else:
-                found["metadata"] = _metadata_of(metadata)
-                if not _is_a_time(found["metadata"].get("time")):
-                    found = None  # not what joblib writes: a miss, as above
-        if (found is None or error is not None) and isinstance(answer, _OpenedObject):
-            answer.close()
-        if error is not None:
-            raise error
-        return found
 
     def get_metadata(self, call_id):
         # What the lookup of this call fetched for a validation callback, or
@@ -2705,20 +2842,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         url = self._client.url(key)
         stored = _PROCESS.handover.take("stored", url, call)
         if stored is not None:
-            return self._reload(stored)
+            return self._parts.loads.reload(stored)
         found = _PROCESS.handover.take("found", url, call)
         started = time.perf_counter()
         try:
-            for attempt in range(_LOAD_ATTEMPTS):
-                try:
-                    item, opened, last_modified = self._load(key, found)
-                    break
-                except _VersionChanged:
-                    # Rewritten meanwhile by another writer of the same call:
-                    # load the version now stored, from the start.
-                    if attempt + 1 == _LOAD_ATTEMPTS:
-                        raise
-                    found = None
+            item, opened, last_modified = self._parts.loads.load(key, found)
         except FileNotFoundError:
             # The words of joblib's own backend.
             raise KeyError(
@@ -2729,112 +2857,6 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             self._report_transfer("Loaded", opened.size, started, key)
         self._parts.access_records.record(posixpath.dirname(key), last_modified)
         return item
-
-    def _load(self, key, found):
-        """Load the result at key: the item, the GET that moved its bytes (or
-        None), and when the result was written (if known).
-
-        ``found`` is what the lookup of the same joblib call learned; without
-        it (``MemorizedResult.get()``, say) the load makes that lookup now.
-        """
-        if found is None:
-            answer = self._client.run(self._look_up(key, True, False, self._current_copy(key)))
-            if answer is None:
-                raise FileNotFoundError(self._client.url(key))
-            found = _Found(self._client.url(key), frozenset(), **answer)
-        copies = self._parts.local_copies
-        if copies is not None:
-            try:
-                item, opened = self._load_through_copy(key, found)
-                return item, opened, found.last_modified
-            except _LocalCopyUnusable as error:
-                # Never a reason to compute again: the result is in S3.
-                self._warn_local(error)
-                if error.path is not None:
-                    copies.remove(error.path)
-                found.let_go()
-                found = _Found(found.url, frozenset(), last_modified=found.last_modified)
-        opened = found.opened or self._open(key)
-        with self._reader(opened) as reader:
-            item = _load(reader)
-        return item, opened, found.last_modified or opened.response.get("LastModified")
-
-    def _load_through_copy(self, key, found):
-        """Load from a local copy, writing it first if S3 has another version.
-
-        Any failure of the copy raises _LocalCopyUnusable; a download that
-        breaks or comes short fails the load.
-        """
-        copies = self._parts.local_copies
-        if found.copy_path is not None:
-            with copies.held(found.copy_path) as there:
-                if there:
-                    return self._load_copy(found.copy_path), None
-            found = _Found(found.url, frozenset())  # evicted since the lookup: fetch it again
-        opened = found.opened or self._open(key)
-        try:
-            new_copy = copies.new(key)
-        except _LocalCopyUnusable:
-            opened.close()
-            raise
-        try:
-            written = 0
-            with self._reader(opened) as reader:
-                for chunk in iter(lambda: reader.read(_MiB), b""):
-                    try:
-                        new_copy.file.write(chunk)
-                    except OSError as error:
-                        raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
-                    written += len(chunk)
-            if written != opened.size:
-                raise OSError(
-                    f"{self._client.url(key)}: {written} of {opened.size} bytes came"
-                )
-            try:
-                path = new_copy.publish(opened.etag)
-            except OSError as error:
-                raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
-            return self._load_copy(path), opened
-        finally:
-            new_copy.close()
-
-    def _load_copy(self, path):
-        """Unpickle (or map) a local copy held by the caller."""
-        try:
-            return numpy_pickle.load(path, mmap_mode=self.mmap_mode)
-        except Exception as error:
-            raise _LocalCopyUnusable(
-                f"cannot load the local copy {path}: {type(error).__name__}: {error}", path
-            ) from None
-
-    def _reload(self, stored):
-        """joblib's load of the result this very call just stored: its new
-        local copy, mapped, or else the result itself."""
-        try:
-            if stored.new_copy is not None:
-                return self._load_copy(stored.new_copy.path)
-        except _LocalCopyUnusable as error:
-            self._warn_local(error)
-        finally:
-            stored.let_go()
-        return stored.item
-
-    def _open(self, key):
-        """GET the first range of the object at key."""
-        client = self._client
-        return client.run(client.open_range(key, _first_range_length(self.options.part_size)))
-
-    def _reader(self, opened):
-        return _RangedReader(
-            self._client, opened, self.options.part_size, self.options.max_concurrency
-        )
-
-    def _warn_local(self, error):
-        self._client.warn(
-            f"joblib_store cannot use local copies of results ({error}); "
-            f"results are loaded from S3 instead.",
-            kind=("local copies",),
-        )
 
     def _report_transfer(self, verb, size, started, key):
         # At verbose >= 10, big transfers say how long they took.
@@ -2928,7 +2950,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 )
             return
         if writer.copy_error is not None and new_copy is not None:
-            self._warn_local(writer.copy_error)
+            self._parts.loads.warn_local(writer.copy_error)
             new_copy.close()
             new_copy = None
         publishing = _Publishing(
@@ -2964,7 +2986,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         try:
             return copies.new(key)
         except OSError as error:
-            self._warn_local(error)
+            self._parts.loads.warn_local(error)
             return None
 
     def _finish_publishing(self, publishing, metadata_write=None):
@@ -2993,7 +3015,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 new_copy.publish(response["ETag"])
             except OSError as error:
                 if response is not None:
-                    self._warn_local(error)
+                    self._parts.loads.warn_local(error)
                 new_copy.close()
                 new_copy = None
         if metadata_write is not None:
