@@ -2457,11 +2457,13 @@ class _ResultLoads:
         return client.run(client.open_range(key, _first_range_length(self._part_size)))
 
     def reader(self, opened):
+        """A reader of the whole object whose first range was opened."""
         return _RangedReader(
             self._client, opened, self._part_size, self._max_concurrency
         )
 
     def warn_local(self, error):
+        """Warn that local copies are not used (once, as for a failure)."""
         self._client.warn(
             f"joblib_store cannot use local copies of results ({error}); "
             f"results are loaded from S3 instead.",
