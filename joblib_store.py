@@ -49,11 +49,12 @@ Copyright (c) 2026, the joblib-store developers. BSD 3-clause licence.
 """
 
 __all__ = ["S3StoreBackend", "register_s3_store_backend"]
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 import asyncio
 import bisect
 import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import datetime
@@ -158,6 +159,16 @@ class _JoblibCall:
     checking_code: bool
     validating: bool
 
+    @property
+    def code_digest(self):
+        """The digest of the code of the function called, or None where
+        there is none to read (a ``MemorizedResult.get()`` knows no code)."""
+        try:
+            func_code = self.memorized.func_code_info[0]
+        except Exception:
+            return None
+        return _code_digest(func_code) if isinstance(func_code, str) else None
+
 
 def _joblib_call(depth=2):
     """The joblib call that a backend method serves, or None.
@@ -208,6 +219,29 @@ METADATA = "metadata.json"
 FUNC_CODE = "func_code.py"
 LAST_ACCESS = "last_access"
 _ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS)
+
+# Each output.pkl carries, as S3 user metadata, a digest of the code that
+# computed it (joblib's func_code, without its "first line" header: the
+# code joblib compares). A lookup serves a result only to a call whose
+# code has that digest, so the results of other code are misses whatever
+# happened to func_code.py: one deleted or expired beside its results, one
+# rewritten by another process mid-run, or none written at all (joblib
+# writes it in the first cache a function meets in a process only).
+_CODE_DIGEST = "code-digest"
+
+
+def _code_digest(func_code):
+    """The digest a result carries of the code that computed it."""
+    return hashlib.sha256(func_code.encode("utf-8", "surrogatepass")).hexdigest()[:32]
+
+
+def _is_code_digest(value):
+    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) is not None
+
+
+def _code_digest_of(response):
+    """The code digest in a GET's or HEAD's response, or None."""
+    return (response.get("Metadata") or {}).get(_CODE_DIGEST)
 _ARGS_ID = re.compile(r"[a-f0-9]{32}")
 
 # --------------------------------------------------------------------------
@@ -522,14 +556,12 @@ class _FunctionState:
 
     ``off``: the cache is off for it until a check of its stored code
     succeeds; ``code``: the code joblib asked to store, kept for that
-    check; ``code_missing``: its last read found no func_code.py;
-    ``code_write``: a write of func_code.py still in flight, which any
-    result of the function waits for before it becomes visible.
+    check; ``code_write``: a write of func_code.py still in flight, whose
+    failure, once known, turns the function off.
     """
 
     off: bool = False
     code: object = None
-    code_missing: bool = False
     code_write: object = None
 
 
@@ -568,8 +600,8 @@ class _Publishing(_Handed):
 
     store: object = None
     future: object = None  # the upload's last request
-    after: object = None  # the func_code.py write it waited for
     new_copy: object = None  # a local copy written beside it
+    code_digest: str = None  # of the code that computed it
     item: object = None  # the result, for joblib's reload of it
     started: float = 0.0
     size: int = 0
@@ -691,7 +723,6 @@ def _start_afresh():
         _PROCESS.functions[name] = _FunctionState(
             off=function.off or function.code_write is not None,
             code=function.code,
-            code_missing=function.code_missing,
         )
 
 
@@ -975,15 +1006,9 @@ class _BucketClient:
         """Start a coroutine on s3fs's loop; return a concurrent future."""
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop)
 
-    def submit(self, method, after=None, **kwargs):
-        """Start one request, once the future ``after`` (if any) succeeded;
-        return a concurrent future."""
-        return self.start(self._request_after(after, method, **kwargs))
-
-    async def _request_after(self, after, method, **kwargs):
-        if after is not None:
-            await _outcome(after)
-        return await self.request(method, **kwargs)
+    def submit(self, method, **kwargs):
+        """Start one request; return a concurrent future."""
+        return self.start(self.request(method, **kwargs))
 
     def call(self, method, timeout=None, **kwargs):
         """Make one request and wait for its response."""
@@ -1580,17 +1605,20 @@ class _MultipartWriter(io.RawIOBase):
     Parts of ``part_size`` bytes (doubling every 1000 parts) upload in the
     background, at most ``max_concurrency`` at a time, whatever the size of
     the writes; a result smaller than one part is a single PUT at commit.
-    ``commit`` makes the object visible with one request, after what it
-    must wait for. Every other ending (an error, an interrupt, garbage
-    collection, interpreter exit) aborts the upload, after the parts in
-    flight, so that nothing half-written is ever visible or billed.
-    ``copy_to``, a file, receives every byte as well.
+    ``commit`` makes the object visible with one request. Every other
+    ending (an error, an interrupt, garbage collection, interpreter exit)
+    aborts the upload, after the parts in flight, so that nothing
+    half-written is ever visible or billed.
+    ``copy_to``, a file, receives every byte as well; ``metadata`` is the
+    object's S3 user metadata.
     """
 
-    def __init__(self, client, key, part_size, max_concurrency, copy_to=None):
+    def __init__(self, client, key, part_size, max_concurrency, copy_to=None,
+                 metadata=None):
         super().__init__()
         self._client = client
         self._key = key
+        self._metadata = {"Metadata": metadata} if metadata else {}
         self._part_size = part_size
         self._max_concurrency = max_concurrency
         self.copy_to = copy_to
@@ -1662,7 +1690,9 @@ class _MultipartWriter(io.RawIOBase):
                 f"part_size={self._part_size}: raise part_size"
             )
         if self._created is None:
-            self._created = self._client.submit("create_multipart_upload", Key=self._key)
+            self._created = self._client.submit(
+                "create_multipart_upload", Key=self._key, **self._metadata
+            )
         # The last part (often the pickle's few closing bytes) does not wait
         # for a free slot: the upload would wait for one part's time for it.
         while len(self._in_flight) >= self._max_concurrency and not last:
@@ -1673,31 +1703,28 @@ class _MultipartWriter(io.RawIOBase):
         self._parts.append(future)
         self._in_flight.append(future)
 
-    def commit(self, after=None):
-        """Make the object visible; return a future of the response.
-
-        ``after``, a future, must succeed first (the object waits for it).
-        """
+    def commit(self):
+        """Make the object visible; return a future of the response."""
         if self._state != "open":
             raise ValueError(f"commit of an S3 object that is {self._state}")
         if self._created is None:
             body = b"".join(self._take(self._buffered))
-            publishing = self._client.submit("put_object", after=after, Key=self._key, Body=body)
+            publishing = self._client.submit(
+                "put_object", Key=self._key, Body=body, **self._metadata
+            )
         else:
             if self._buffered:
                 self._send_part(self._take(self._buffered), last=True)
-            publishing = self._client.start(self._complete(after))
+            publishing = self._client.start(self._complete())
         # Only now: an interrupt before this line aborts, one after it lets
         # the complete, whole result be published.
         self._state = "committed"
         _PROCESS.writers.discard(self)
         return publishing
 
-    async def _complete(self, after):
+    async def _complete(self):
         try:
             parts = [await asyncio.wrap_future(part) for part in self._parts]
-            if after is not None:
-                await _outcome(after)
             created = await _outcome(self._created)
             return await self._client.request(
                 "complete_multipart_upload", Key=self._key,
@@ -1785,9 +1812,10 @@ class _ObjectFile(_MultipartWriter):
 # --------------------------------------------------------------------------
 
 _COPIES_FOLDER = "joblib-store-copies"  # the store touches nothing else
-# <ETag>.<unique>.pkl: a name is never given to another file, so a copy
-# held by a reader cannot be replaced under it.
-_COPY_NAME = re.compile(r"([A-Za-z0-9-]+)\.[0-9a-f]{32}\.pkl")
+# <ETag>.<code digest>.<unique>.pkl (the code digest left out for a result
+# that carries none): a name is never given to another file, so a copy held
+# by a reader cannot be replaced under it.
+_COPY_NAME = re.compile(r"([A-Za-z0-9-]+)(?:\.([0-9a-f]{32}))?\.[0-9a-f]{32}\.pkl")
 _PART_NAME = re.compile(r"[A-Za-z0-9-]+\.pkl\.[0-9a-f]{32}\.part")
 _STALE_PART = 300  # seconds after which a download's leftover is removed
 
@@ -1893,11 +1921,16 @@ class _LocalCopies:
         digest = hashlib.sha256(f"{self.bucket}\n{key}".encode("utf-8"))
         return os.path.join(self.root, digest.hexdigest()[:32])
 
-    def find(self, key):
-        """The ETag and path of the newest copy of key here, or None."""
+    def find(self, key, code_digest=None):
+        """The ETag and path of the newest copy of key here, or None.
+
+        With ``code_digest``, only a copy of a result of that code is found.
+        """
         copies = []
         for entry in _entries(self._folder(key)):
             named = _COPY_NAME.fullmatch(entry.name)
+            if named and code_digest is not None and named.group(2) != code_digest:
+                continue
             status = _stat_quietly(entry) if named else None
             if status is not None and stat.S_ISREG(status.st_mode):
                 copies.append((status.st_mtime, named.group(1), entry.path))
@@ -2032,8 +2065,8 @@ class _LocalCopies:
 
 
 class _NewCopy:
-    """A local copy being written: ``file`` takes the bytes, ``publish(etag)``
-    names it after the version it holds, ``close()`` lets it go (and
+    """A local copy being written: ``file`` takes the bytes, ``publish``
+    names it after the version it holds (and the code that computed it), ``close()`` lets it go (and
     removes it if it was never published)."""
 
     def __init__(self, copies, folder, partial, fd):
@@ -2050,10 +2083,13 @@ class _NewCopy:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
 
-    def publish(self, etag):
+    def publish(self, etag, code_digest=None):
         """Name the copy after its version; raises OSError if it cannot."""
         self.file.close()
-        path = os.path.join(self._folder, f"{_etag_name(etag)}.{uuid.uuid4().hex}.pkl")
+        # A digest not of our making is left out: the copy's name must match.
+        code = f".{code_digest}" if _is_code_digest(code_digest) else ""
+        name = f"{_etag_name(etag)}{code}.{uuid.uuid4().hex}.pkl"
+        path = os.path.join(self._folder, name)
         os.replace(self._partial, path)
         self.path = path
         return path
@@ -2288,40 +2324,43 @@ class _ResultLoads:
         self._mmap_mode = options.mmap_mode
         self._copies = local_copies
 
-    def load(self, key, found):
+    def load(self, key, found, code_digest=None):
         """Load the result at key: the item, the GET that moved its bytes (or
         None), and when the result was written (if known).
 
         ``found`` is what the lookup of the same joblib call learned; without
-        it (``MemorizedResult.get()``, say) the load makes that lookup now.
+        it (``MemorizedResult.get()``, say) the load makes that lookup now,
+        for a result of the code ``code_digest`` names if it names one.
         A result rewritten meanwhile by another writer of the same call is
         loaded again, in the version now stored.
         """
         for attempt in range(_LOAD_ATTEMPTS):
             try:
-                return self._load_once(key, found)
+                return self._load_once(key, found, code_digest)
             except _VersionChanged:
                 if attempt + 1 == _LOAD_ATTEMPTS:
                     raise
                 found = None
 
-    def current_copy(self, key):
-        """The ETag and path of a local copy of key, if local copies work."""
+    def current_copy(self, key, code_digest):
+        """The ETag and path of a local copy of key (of a result of the code
+        code_digest names, if it names one), if local copies work."""
         copies = self._copies
         if copies is None:
             return None
         try:
-            return copies.find(key)
+            return copies.find(key, code_digest)
         except _LocalCopyUnusable as error:
             self.warn_local(error)
             return None
 
-    async def look_up(self, key, loads, validates, copy):
+    async def look_up(self, key, loads, validates, copy, code_digest=None):
         """Whether a result is stored, and what its lookup learned.
 
         The result's GET (or HEAD) and, for a validation callback, the
-        metadata's GET go out together. An entry whose metadata cannot be
-        read is a miss when a callback needs it.
+        metadata's GET go out together. A result of code other than the one
+        ``code_digest`` names is a miss, and so is an entry whose metadata
+        cannot be read when a callback needs it.
         """
         client = self._client
         if loads:
@@ -2351,6 +2390,11 @@ class _ResultLoads:
             found = None  # an empty object: no result was ever complete there
         else:
             error = answer
+        if found is not None and error is None and code_digest is not None:
+            # A local copy confirmed current was found for this code already.
+            headers = answer.response if isinstance(answer, _OpenedObject) else answer
+            if "copy_path" not in found and _code_digest_of(headers) != code_digest:
+                found = None  # computed by other code: a miss, recomputed and rewritten
         if validates and found is not None and error is None:
             metadata = answers[1]
             if isinstance(metadata, FileNotFoundError):
@@ -2367,17 +2411,18 @@ class _ResultLoads:
             raise error
         return found
 
-    def _load_once(self, key, found):
+    def _load_once(self, key, found, code_digest):
         """One attempt of load()."""
         if found is None:
-            answer = self._client.run(self.look_up(key, True, False, self.current_copy(key)))
+            copy = self.current_copy(key, code_digest)
+            answer = self._client.run(self.look_up(key, True, False, copy, code_digest))
             if answer is None:
                 raise FileNotFoundError(self._client.url(key))
             found = _Found(self._client.url(key), frozenset(), **answer)
         copies = self._copies
         if copies is not None:
             try:
-                item, opened = self._load_through_copy(key, found)
+                item, opened = self._load_through_copy(key, found, code_digest)
                 return item, opened, found.last_modified
             except _LocalCopyUnusable as error:
                 # Never a reason to compute again: the result is in S3.
@@ -2386,12 +2431,12 @@ class _ResultLoads:
                     copies.remove(error.path)
                 found.let_go()
                 found = _Found(found.url, frozenset(), last_modified=found.last_modified)
-        opened = found.opened or self.open(key)
+        opened = found.opened or self.open(key, code_digest)
         with self.reader(opened) as reader:
             item = _load(reader)
         return item, opened, found.last_modified or opened.response.get("LastModified")
 
-    def _load_through_copy(self, key, found):
+    def _load_through_copy(self, key, found, code_digest):
         """Load from a local copy, writing it first if S3 has another version.
 
         Any failure of the copy raises _LocalCopyUnusable; a download that
@@ -2403,7 +2448,7 @@ class _ResultLoads:
                 if there:
                     return self.load_copy(found.copy_path), None
             found = _Found(found.url, frozenset())  # evicted since the lookup: fetch it again
-        opened = found.opened or self.open(key)
+        opened = found.opened or self.open(key, code_digest)
         try:
             new_copy = copies.new(key)
         except _LocalCopyUnusable:
@@ -2423,7 +2468,7 @@ class _ResultLoads:
                     f"{self._client.url(key)}: {written} of {opened.size} bytes came"
                 )
             try:
-                path = new_copy.publish(opened.etag)
+                path = new_copy.publish(opened.etag, _code_digest_of(opened.response))
             except OSError as error:
                 raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
             return self.load_copy(path), opened
@@ -2451,10 +2496,16 @@ class _ResultLoads:
             stored.let_go()
         return stored.item
 
-    def open(self, key):
-        """GET the first range of the object at key."""
+    def open(self, key, code_digest=None):
+        """GET the first range of the object at key (a result of the code
+        ``code_digest`` names, if it names one)."""
         client = self._client
-        return client.run(client.open_range(key, _first_range_length(self._part_size)))
+        opened = client.run(client.open_range(key, _first_range_length(self._part_size)))
+        if code_digest is not None and _code_digest_of(opened.response) != code_digest:
+            # Replaced by a result of other code since the lookup: look again.
+            opened.close()
+            raise _VersionChanged(client.url(key))
+        return opened
 
     def reader(self, opened):
         """A reader of the whole object whose first range was opened."""
@@ -2506,8 +2557,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     Results are written straight to their final key, as one PUT or a
     streamed multipart upload made visible by one last request, and read as
-    concurrent byte ranges. A warm hit is one GET; see the README for every
-    operation. The store pickles as its options alone: a worker that
+    concurrent byte ranges; each carries the digest of the code that
+    computed it, and is served only to that code. A warm hit is one GET;
+    see the README for every operation. The store pickles as its options alone: a worker that
     unpickles it builds its own connections.
     """
 
@@ -2653,8 +2705,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     def _recover(self, func_id, function):
         """Check a function's stored code again; whether its cache is back on.
 
-        Old results go when the stored code differs or is missing, then the
-        current code is written, as joblib does when code changes.
+        Old results go when the stored code differs, and the current code is
+        written when it differs or is missing, as joblib does.
         """
         if function.code is None:
             return False
@@ -2666,8 +2718,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             except FileNotFoundError:
                 stored = None
             current = joblib.memory.extract_first_line(function.code)[0]
-            if stored is None or joblib.memory.extract_first_line(stored)[0] != current:
+            if stored is not None and joblib.memory.extract_first_line(stored)[0] != current:
                 self._clear_prefix(self._key_of_call([func_id]))
+            if stored is None or stored != function.code:
                 client.put(key, function.code.encode("utf-8"))
         except Exception:
             return False
@@ -2807,9 +2860,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             call is not None and call.validating
             and getattr(call.memorized, "cache_validation_callback", None) is not None
         )
-        copy = self._parts.loads.current_copy(key) if loads else None
+        code_digest = call.code_digest if call is not None else None
+        copy = self._parts.loads.current_copy(key, code_digest) if loads else None
         try:
-            found = self._client.run(self._parts.loads.look_up(key, loads, validates, copy))
+            found = self._client.run(
+                self._parts.loads.look_up(key, loads, validates, copy, code_digest)
+            )
         except Exception as error:
             self._on_failure("check the cache", error)
             return False
@@ -2848,7 +2904,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         found = _PROCESS.handover.take("found", url, call)
         started = time.perf_counter()
         try:
-            item, opened, last_modified = self._parts.loads.load(key, found)
+            code_digest = call.code_digest if call is not None else None
+            item, opened, last_modified = self._parts.loads.load(key, found, code_digest)
         except FileNotFoundError:
             # The words of joblib's own backend.
             raise KeyError(
@@ -2924,14 +2981,15 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             print(f"Persisting in {self._client.url(posixpath.dirname(key))}")
         started = time.perf_counter()
         new_copy = self._new_copy(key) if reloaded is not None else None
+        code_digest = call.code_digest if call is not None else None
         writer = _MultipartWriter(
             self._client, key, self.options.part_size, self.options.max_concurrency,
             copy_to=new_copy.file if new_copy is not None else None,
+            metadata={_CODE_DIGEST: code_digest} if code_digest is not None else None,
         )
-        after = function.code_write
         try:
             _dump(item, writer, self.compress)
-            committed = writer.commit(after=after)
+            committed = writer.commit()
         except BaseException as error:
             writer.abort()
             if new_copy is not None:
@@ -2956,8 +3014,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             new_copy.close()
             new_copy = None
         publishing = _Publishing(
-            url, anchors, store=self, future=committed, after=after,
-            new_copy=new_copy, item=reloaded, started=started, size=writer.tell(),
+            url, anchors, store=self, future=committed, new_copy=new_copy,
+            code_digest=code_digest, item=reloaded, started=started, size=writer.tell(),
         )
         _PROCESS.track(publishing.future)
         if not anchors or writer.tell() > _SMALL_RESULT:
@@ -2999,8 +3057,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             response, failure = publishing.future.result(), None
         except Exception as error:
             response, failure = None, error
-        # A failed code write (which the upload waited for) turns the
-        # function off, and that warning says it all.
+        # The function's code write went out beside the result's upload;
+        # its failure turns the function off, and that warning says it all.
+        code_write = _PROCESS.function(self.location, func_id).code_write
+        if code_write is not None:
+            concurrent.futures.wait([code_write])
         code_failed = self._function(func_id).off
         if failure is not None:
             self._leave_unstored(publishing.url, publishing.anchors)
@@ -3014,7 +3075,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             try:
                 if response is None:
                     raise OSError("the upload failed")
-                new_copy.publish(response["ETag"])
+                new_copy.publish(response["ETag"], publishing.code_digest)
             except OSError as error:
                 if response is not None:
                     self._parts.loads.warn_local(error)
@@ -3043,11 +3104,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             if publishing is not None:
                 self._finish_publishing(publishing)
             return
-        # Beside the result's upload, and like it after the function's code.
+        # Beside the result's upload.
         metadata_write = self._client.submit(
             "put_object", Key=self._key_of_call(call_id, METADATA),
             Body=json.dumps(metadata).encode("utf-8"),
-            after=publishing.after if publishing is not None else function.code_write,
         )
         if publishing is not None:
             self._finish_publishing(publishing, metadata_write)
@@ -3101,12 +3161,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         if function.off and during_a_call:
             return  # the check that turns it back on writes it
         key = self._key_of_call(call_id, FUNC_CODE)
-        clear_first = function.code_missing
-        function.code_missing = False
-        write = self._client.start(self._write_func_code(key, func_code, clear_first))
+        write = self._client.submit("put_object", Key=key, Body=func_code.encode("utf-8"))
         if during_a_call:
-            # The write goes on while the function computes; its results
-            # wait for it before they become visible.
+            # The write goes on while the function computes and its results
+            # upload: they carry the digest of their code (_CODE_DIGEST), so
+            # none is served to a call of other code, written or not.
             function.code_write = write
             _PROCESS.track(write)
             return
@@ -3115,17 +3174,6 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         except Exception as error:
             self._on_failure("store function code after a clear", error, func_id)
         function.off = False
-
-    async def _write_func_code(self, key, func_code, clear_first):
-        client = self._client
-        if clear_first:
-            # Results with no code beside them (an expired or deleted
-            # func_code.py, or a second cache of one process, where joblib
-            # writes no code) may be of any code: they go before this code
-            # is written, so that none of them is ever next to it.
-            stale = await client.list_all(posixpath.dirname(key) + "/")
-            await client.delete_all([obj["Key"] for obj in stale])
-        await client.request("put_object", Key=key, Body=func_code.encode("utf-8"))
 
     def get_cached_func_code(self, call_id):
         # joblib reads an OSError as "no code stored yet" and then stores
@@ -3140,8 +3188,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         try:
             data = client.run(client.read(key))
         except FileNotFoundError:
-            function.code_missing = True
-            raise
+            raise  # no code stored yet: joblib writes its own next
         except Exception as error:
             self._on_failure("read function code", error, func_id)
             raise OSError(f"cannot read {client.url(key)}: {error}") from error

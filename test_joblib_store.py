@@ -478,6 +478,19 @@ def random_array(size):
     return np.random.RandomState(size).rand(size)
 
 
+@contextmanager
+def serving_a_call_of(memorized, monkeypatch):
+    """Backend calls in this block serve a call of memorized (a
+    MemorizedFunc), as if joblib made them: their results carry its code."""
+    call = joblib_store._JoblibCall(
+        anchors=frozenset([-1]), memorized=memorized, loads_a_hit=False,
+        shelves_a_miss=False, checking_code=False, validating=False,
+    )
+    with monkeypatch.context() as patch:
+        patch.setattr(joblib_store, "_joblib_call", lambda depth=2: call)
+        yield
+
+
 def fresh(func):
     """A new function object with the same code, unknown to joblib yet."""
     copy = types.FunctionType(
@@ -1171,9 +1184,9 @@ def test_request_budget_of_misses_and_hits(bucket, s3_server, compress):
     with s3_server.counting() as hit:
         assert cached(2) == 4
     assert building == Counter({"ListObjectsV2": 1}), building
-    # GET func_code.py (404), a listing for results left without their
-    # code, then func_code.py, the result and its metadata.
-    assert first_miss == Counter({"GetObject": 1, "ListObjectsV2": 1, "PutObject": 3}), first_miss
+    # GET func_code.py (404), then func_code.py, the result and its
+    # metadata: no listing, since results carry the digest of their code.
+    assert first_miss == Counter({"GetObject": 1, "PutObject": 3}), first_miss
     assert miss == Counter({"GetObject": 1, "PutObject": 2}), miss
     assert hit == Counter({"GetObject": 1}), hit
 
@@ -1284,7 +1297,7 @@ def test_a_miss_sends_the_metadata_beside_the_result(location, s3_server):
     assert cached.check_call_in_cache(2)
 
 
-def test_a_result_appears_only_after_the_code_that_computed_it(location, s3_server):
+def test_a_first_miss_uploads_its_result_beside_its_code(location, s3_server, s3_client, bucket):
     def slow_code(operation, path, query):
         if operation == "PutObject" and path.endswith("/func_code.py"):
             time.sleep(0.5)
@@ -1298,7 +1311,79 @@ def test_a_result_appears_only_after_the_code_that_computed_it(location, s3_serv
     later = [r for r in requests if r.path.endswith(("/output.pkl", "/metadata.json"))
              and r.operation == "PutObject"]
     assert len(later) == 2
-    assert all(request.started >= code.ended for request in later)
+    # Neither waits for the code: the result carries the digest of its code.
+    assert all(request.started < code.ended for request in later)
+    stored = s3_client.head_object(Bucket=bucket, Key=stored_key(s3_client, bucket))
+    assert stored["Metadata"] == {"code-digest": joblib_store._code_digest(cached.func_code_info[0])}
+
+
+CHANGING_PROGRAM = """
+    import sys
+    sys.path.insert(0, {folder!r})
+    import changing
+    from joblib import Memory
+    import joblib_store
+    memory = Memory({location!r}, verbose=0, mmap_mode={mmap_mode!r},
+                    backend_options={{"local_cache_dir": {copies!r}}})
+    cached = memory.cache(changing.f)
+    print(cached.check_call_in_cache(1))
+    print([int(cached(1)), int(cached(2))])
+    """
+
+
+@pytest.mark.parametrize("mmap_mode", [None, "r"], ids=["plain", "local copies"])
+def test_results_of_other_code_are_misses_whatever_func_code_py_says(
+        location, s3_client, bucket, tmp_path, mmap_mode):
+    program = CHANGING_PROGRAM.format(folder=str(tmp_path), location=location,
+                                      mmap_mode=mmap_mode, copies=str(tmp_path / "copies"))
+    module = tmp_path / "changing.py"
+    module.write_text("def f(x):\n    return x + 1\n")
+    assert run_python(program).split("\n")[:2] == ["False", "[2, 3]"]
+    assert run_python(program).split("\n")[:2] == ["True", "[2, 3]"]
+    # func_code.py now holds the code of f(x) = x + 100, and the results of
+    # x + 1 are still beside it (as a writer whose clear failed, or one
+    # racing another, can leave them).
+    module.write_text("def f(x):\n    return x + 100\n")
+    key = stored_key(s3_client, bucket, "func_code.py")
+    code = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
+    s3_client.put_object(Bucket=bucket, Key=key, Body=code.replace(b"x + 1\n", b"x + 100\n"))
+    environment = {"PYTHONDONTWRITEBYTECODE": "1"}
+    assert run_python(program, **environment).split("\n")[:2] == ["False", "[101, 102]"]
+    assert run_python(program, **environment).split("\n")[:2] == ["True", "[101, 102]"]
+
+
+TWO_CACHES_PROGRAM = """
+    import sys
+    sys.path.insert(0, {folder!r})
+    import changing
+    from joblib import Memory
+    import joblib_store
+    for location in {locations!r}:
+        cached = Memory(location, verbose=0).cache(changing.f)
+        print([cached(1), cached(1)])
+    """
+
+
+def test_a_cache_where_joblib_wrote_no_code_serves_each_code_its_own_results(
+        location, s3_client, bucket, tmp_path):
+    # joblib writes func_code.py only in the first cache a function meets in
+    # a process: in the second, results of two codes could meet unchecked.
+    first, second = location + "/first", location + "/second"
+
+    def run(*locations):
+        program = TWO_CACHES_PROGRAM.format(folder=str(tmp_path), locations=locations)
+        return run_python(program, PYTHONDONTWRITEBYTECODE="1").split()
+
+    module = tmp_path / "changing.py"
+    module.write_text("def f(x):\n    return x + 1\n")
+    assert run(first, second) == ["[2,", "2]", "[2,", "2]"]
+    assert [k for k in keys_in(s3_client, bucket) if k.endswith("/func_code.py")] == [
+        k for k in keys_in(s3_client, bucket) if "/first/" in k and k.endswith("/func_code.py")]
+    module.write_text("def f(x):\n    return x + 100\n")
+    assert run(second) == ["[101,", "101]"]
+    module.write_text("def f(x):\n    return x + 1\n")
+    # joblib checks the code only in the cache where this process wrote it.
+    assert run(location + "/third", second) == ["[2,", "2]", "[2,", "2]"]
 
 
 # --------------------------- the failure policy: never a wrong result, never
@@ -1442,8 +1527,10 @@ def test_a_corrupt_result_is_recomputed_and_overwritten(
     cached = memory.cache(fresh(random_array))
     expected = cached(1000)
     key = next(k for k in keys_in(s3_client, bucket) if k.endswith("/" + name))
-    good = s3_client.get_object(Bucket=bucket, Key=key)["Body"].read()
-    s3_client.put_object(Bucket=bucket, Key=key, Body=corrupt(good))
+    stored = s3_client.get_object(Bucket=bucket, Key=key)
+    good = stored["Body"].read()
+    # Corrupt, but of the same code: the digest of the code stays.
+    s3_client.put_object(Bucket=bucket, Key=key, Body=corrupt(good), Metadata=stored["Metadata"])
     np.testing.assert_array_equal(cached(1000), expected)
     assert s3_client.get_object(Bucket=bucket, Key=key)["Body"].read() == good
     loading_errors = [r for r in caplog.records if "Exception while loading" in r.getMessage()]
@@ -2153,17 +2240,18 @@ def test_mmap_uses_a_per_user_folder_found_where_the_store_is_used(
     assert len(local_copies(tmp_path / "there" / "joblib_store")) == 1
 
 
-def test_a_rewritten_result_is_downloaded_again(site_memory, tmp_path):
+def test_a_rewritten_result_is_downloaded_again(site_memory, tmp_path, monkeypatch):
     memory = site_memory(mmap_mode="r", backend_options={"local_cache_dir": str(tmp_path)})
     cached = memory.cache(fresh(random_array))
     cached(1000)
     np.testing.assert_array_equal(cached(1000), random_array(1000))
-    # Another process rewrites the result (same key, new content).
+    # Another process of the same code rewrites the result (same key, new content).
     other = S3StoreBackend()
     other.configure(memory.store_backend.location, backend_options=memory.store_backend.options.storage_options)
     [item] = other.get_items()
     call_id = item.path[len(other.location) + 1:].rsplit("/", 1)
-    other.dump_item(call_id, np.zeros(1000))
+    with serving_a_call_of(cached, monkeypatch):
+        other.dump_item(call_id, np.zeros(1000))
     np.testing.assert_array_equal(cached(1000), np.zeros(1000))
     assert len(local_copies(tmp_path)) == 1
 
@@ -2662,8 +2750,8 @@ def test_a_copy_removed_before_joblibs_reload_after_a_miss_returns_the_result(
         location, tmp_path, monkeypatch):
     publish = joblib_store._NewCopy.publish
 
-    def published_then_removed(self, etag):
-        path = publish(self, etag)
+    def published_then_removed(self, etag, code_digest=None):
+        path = publish(self, etag, code_digest)
         os.unlink(path)
         return path
 
