@@ -121,13 +121,14 @@ _HAS_ENFORCE_STORE_LIMITS = hasattr(StoreBackendMixin, "enforce_store_limits")
 # joblib's backend API does not say what a call is for: whether a load will
 # follow an existence check in the same call (it does for a hit, not for
 # call_and_shelve or check_call_in_cache), whether a clear is a user's
-# func.clear() or joblib's reaction to changed code, or whether a validation
-# callback will read the metadata. The frames of MemorizedFunc's methods
-# say it; these names hold from joblib 1.2 to 1.6, and a name a release
-# lacks (Breakpoint: _after_call is new in 1.4, _is_in_cache_and_valid in
-# 1.3) is left out. Where none is found, the store takes the safe side:
-# nothing is handed from one backend call to the next, and failures do not
-# raise.
+# func.clear() or joblib's reaction to changed code, whether a validation
+# callback will read the metadata, nor which code and arguments a call has.
+# The frames of MemorizedFunc's methods say it (with its func_code_info and
+# the args_id of _cached_call); these names hold from joblib 1.2 to 1.6, and
+# a name a release lacks (Breakpoint: _after_call is new in 1.4,
+# _is_in_cache_and_valid in 1.3) is left out. Where none is found, the store
+# takes the safe side: nothing is handed from one backend call to the next,
+# no result is looked up ahead, and failures do not raise.
 _CALL_FRAMES = {
     getattr(joblib.memory.MemorizedFunc, name).__code__: name
     for name in ("_cached_call", "call", "_after_call", "check_call_in_cache",
@@ -149,7 +150,8 @@ class _JoblibCall:
     computed is shelved, not loaded again (Breakpoint: joblib < 1.4 loads
     it with mmap_mode even when shelving); ``checking_code`` that joblib is
     comparing the function's code; ``validating`` that it is deciding
-    whether a stored call is valid.
+    whether a stored call is valid; ``args_id`` names the call's arguments
+    (None where joblib's frame does not hold it).
     """
 
     anchors: frozenset
@@ -158,6 +160,7 @@ class _JoblibCall:
     shelves_a_miss: bool
     checking_code: bool
     validating: bool
+    args_id: object = None  # of the call, in _cached_call
 
     @property
     def code_digest(self):
@@ -176,7 +179,7 @@ def _joblib_call(depth=2):
     ``depth`` counts the frames from here to the backend method's caller.
     """
     frame = sys._getframe(depth)
-    names, anchors, memorized = set(), set(), None
+    names, anchors, memorized, args_id = set(), set(), None, None
     loads_a_hit = shelves_a_miss = False
     for _ in range(_FRAMES_SEARCHED):
         if frame is None:
@@ -190,6 +193,7 @@ def _joblib_call(depth=2):
                 anchors.add(id(frame))
             if name == "_cached_call":
                 loads_a_hit = not frame.f_locals.get("shelving", False)
+                args_id = frame.f_locals.get("args_id")
             if name == "_after_call":
                 shelves_a_miss = bool(frame.f_locals.get("shelving", False))
             if name in _ENTRY_FRAMES:
@@ -204,6 +208,7 @@ def _joblib_call(depth=2):
         shelves_a_miss=shelves_a_miss,
         checking_code="_check_previous_func_code" in names,
         validating="_is_in_cache_and_valid" in names,
+        args_id=args_id if isinstance(args_id, str) else None,
     )
 
 
@@ -595,6 +600,18 @@ class _Found(_Handed):
 
 
 @dataclasses.dataclass
+class _LookedUp(_Handed):
+    """A lookup made beside the read of func_code.py, for the existence
+    check that follows: ``found`` is its answer (None for a miss)."""
+
+    found: dict = None
+
+    def let_go(self):
+        if self.found is not None and self.found.get("opened") is not None:
+            self.found["opened"].close()
+
+
+@dataclasses.dataclass
 class _Publishing(_Handed):
     """A small result's upload, ended beside the metadata's PUT."""
 
@@ -628,11 +645,11 @@ class _Unstored(_Handed):
 
 
 class _Handover(threading.local):
-    """This thread's slots of handed-over work: ``found``, ``publishing``,
-    ``stored`` and ``unstored``. What a later backend call does not take is
-    let go."""
+    """This thread's slots of handed-over work: ``looked_up``, ``found``,
+    ``publishing``, ``stored`` and ``unstored``. What a later backend call
+    does not take is let go."""
 
-    found = publishing = stored = unstored = None
+    looked_up = found = publishing = stored = unstored = None
 
     def put(self, slot, handed):
         self._let_go(slot)
@@ -650,7 +667,7 @@ class _Handover(threading.local):
         return None
 
     def let_go_all_but(self, *slots):
-        for slot in ("publishing", "found", "stored", "unstored"):
+        for slot in ("publishing", "looked_up", "found", "stored", "unstored"):
             if slot not in slots:
                 self._let_go(slot)
 
@@ -2066,8 +2083,8 @@ class _LocalCopies:
 
 class _NewCopy:
     """A local copy being written: ``file`` takes the bytes, ``publish``
-    names it after the version it holds (and the code that computed it), ``close()`` lets it go (and
-    removes it if it was never published)."""
+    names it after the version it holds and the code that computed it,
+    ``close()`` lets it go (and removes it if it was never published)."""
 
     def __init__(self, copies, folder, partial, fd):
         self._copies = copies
@@ -2848,13 +2865,35 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     def contains_item(self, call_id):
         # One GET of the result's first range when a load follows (its
         # answer serves that load, and nothing later), else one HEAD; a
-        # missing key is a miss, never a listing.
-        call = self._begin()
+        # missing key is a miss, never a listing. A lookup made beside the
+        # read of func_code.py in the same joblib call answers instead.
+        call = self._begin("looked_up")
         func_id = call_id[0]
         function = self._function(func_id)
-        if function.off and not self._recover(func_id, function):
-            return False
         key = self._key_of_call(call_id, OUTPUT)
+        looked_up = _PROCESS.handover.take("looked_up", self._client.url(key), call)
+        if function.off:
+            if looked_up is not None:
+                looked_up.let_go()
+            if not self._recover(func_id, function):
+                return False
+            looked_up = None
+        if looked_up is not None:
+            found = looked_up.found
+        else:
+            try:
+                found = self._client.run(self._look_up(call, key))
+            except Exception as error:
+                self._on_failure("check the cache", error)
+                return False
+        if found is None:
+            return False
+        if call is not None:
+            _PROCESS.handover.put("found", _Found(self._client.url(key), call.anchors, **found))
+        return True
+
+    def _look_up(self, call, key):
+        """The lookup of the result at key for a joblib call (a coroutine)."""
         loads = call is not None and call.loads_a_hit
         validates = (
             call is not None and call.validating
@@ -2862,18 +2901,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         )
         code_digest = call.code_digest if call is not None else None
         copy = self._parts.loads.current_copy(key, code_digest) if loads else None
-        try:
-            found = self._client.run(
-                self._parts.loads.look_up(key, loads, validates, copy, code_digest)
-            )
-        except Exception as error:
-            self._on_failure("check the cache", error)
-            return False
-        if found is None:
-            return False
-        if call is not None:
-            _PROCESS.handover.put("found", _Found(self._client.url(key), call.anchors, **found))
-        return True
+        return self._parts.loads.look_up(key, loads, validates, copy, code_digest)
 
     def get_metadata(self, call_id):
         # What the lookup of this call fetched for a validation callback, or
@@ -3180,19 +3208,45 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         # its code: for a failure other than a missing file, the function's
         # cache goes off first, so that code is not written next to results
         # of code nobody could check.
-        self._begin()
+        call = self._begin()
         func_id = call_id[0]
         function = self._function(func_id)
         key = self._key_of_call(call_id, FUNC_CODE)
         client = self._client
+        # The lookup joblib makes next, when the code matches, goes out
+        # beside this read: a hit in a process that did not write the code
+        # takes one round trip, not two.
+        output_key = lookup = None
+        if call is not None and call.args_id and not function.off:
+            output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
+            lookup = self._look_up(call, output_key)
         try:
-            data = client.run(client.read(key))
+            data, lookup = client.run(self._read_code(key, lookup))
         except FileNotFoundError:
             raise  # no code stored yet: joblib writes its own next
         except Exception as error:
             self._on_failure("read function code", error, func_id)
             raise OSError(f"cannot read {client.url(key)}: {error}") from error
+        if output_key is not None and not isinstance(lookup, BaseException):
+            # A failed lookup is made again by the existence check.
+            _PROCESS.handover.put(
+                "looked_up", _LookedUp(client.url(output_key), call.anchors, found=lookup)
+            )
         return _readable_func_code(data)
+
+    async def _read_code(self, key, lookup):
+        """func_code.py's bytes, and the answer of the lookup (a coroutine,
+        or None) made beside it: what it found, or its exception."""
+        if lookup is None:
+            return await self._client.read(key), None
+        code, lookup = await asyncio.gather(
+            self._client.read(key), lookup, return_exceptions=True
+        )
+        if isinstance(code, BaseException):
+            if isinstance(lookup, dict) and lookup.get("opened") is not None:
+                lookup["opened"].close()
+            raise code
+        return code, lookup
 
     def clear(self):
         self._begin()

@@ -1184,9 +1184,11 @@ def test_request_budget_of_misses_and_hits(bucket, s3_server, compress):
     with s3_server.counting() as hit:
         assert cached(2) == 4
     assert building == Counter({"ListObjectsV2": 1}), building
-    # GET func_code.py (404), then func_code.py, the result and its
-    # metadata: no listing, since results carry the digest of their code.
-    assert first_miss == Counter({"GetObject": 1, "PutObject": 3}), first_miss
+    # GET func_code.py (404) beside GET output.pkl (the lookup that serves
+    # a process where the code is stored already), then func_code.py, the
+    # result and its metadata: no listing, since results carry the digest
+    # of their code.
+    assert first_miss == Counter({"GetObject": 2, "PutObject": 3}), first_miss
     assert miss == Counter({"GetObject": 1, "PutObject": 2}), miss
     assert hit == Counter({"GetObject": 1}), hit
 
@@ -1202,32 +1204,43 @@ def test_request_budget_of_a_hit_in_a_fresh_process(location, bucket, s3_server,
         for _ in range(3):
             print(cached(3))
         """
+    together = hold_until_beside(s3_server, "GetObject", "/func_code.py", "/output.pkl")
     with s3_server.recording() as requests:
         assert run_python(program).split() == ["9"] * 3
     operations = [(request.operation, request.path.rsplit("/", 1)[1]) for request in requests]
-    # The bucket check, then for each hit func_code.py and the result:
-    # joblib reads the code again at every call in a process that did not
-    # write it.
-    assert operations == [("ListObjectsV2", bucket)] + [
-        ("GetObject", "func_code.py"), ("GetObject", "output.pkl")] * 3, operations
+    # The bucket check, then for each hit func_code.py and the result,
+    # together: joblib reads the code again at every call in a process
+    # that did not write it.
+    assert operations[0] == ("ListObjectsV2", bucket), operations
+    assert sorted(operations[1:]) == [
+        ("GetObject", "func_code.py")] * 3 + [("GetObject", "output.pkl")] * 3, operations
+    assert together == [True] * 3
+
+
+def hold_until_beside(s3_server, operation, held, awaited):
+    """Make the server answer a request (operation) on a key ending in held
+    only once the same request on a key ending in awaited arrived: a call
+    completes at once only if both went out together (the hold gives up
+    after 10 s otherwise). Returns, for each held request, whether its
+    companion came."""
+    arrived = threading.Event()
+    together = []
+
+    def hold(request_operation, path, query):
+        if request_operation == operation and path.endswith(awaited):
+            arrived.set()
+        if request_operation == operation and path.endswith(held):
+            together.append(arrived.wait(timeout=10))
+            arrived.clear()
+        return None
+
+    s3_server.faults.append(hold)
+    return together
 
 
 def hold_the_result_until_its_metadata(s3_server, operation):
-    """Make the server answer a request (operation) on a result only once the
-    same request on its metadata arrived: a call completes at once only if
-    both went out together (the hold gives up after 10 s otherwise)."""
-    metadata_arrived = threading.Event()
-    seen = {}
-
-    def hold_the_result(request_operation, path, query):
-        if request_operation == operation and path.endswith("/metadata.json"):
-            metadata_arrived.set()
-        if request_operation == operation and path.endswith("/output.pkl"):
-            seen["together"] = metadata_arrived.wait(timeout=10)
-        return None
-
-    s3_server.faults.append(hold_the_result)
-    return seen
+    """hold_until_beside for a result and its metadata.json."""
+    return hold_until_beside(s3_server, operation, "/output.pkl", "/metadata.json")
 
 
 @needs_joblib_13
@@ -1240,7 +1253,7 @@ def test_request_budget_of_a_hit_with_a_validation_callback(location, s3_server)
     seen = hold_the_result_until_its_metadata(s3_server, "GetObject")
     with s3_server.counting() as hit:
         assert cached(2) == 4
-    assert hit == Counter({"GetObject": 2}) and seen == {"together": True}
+    assert hit == Counter({"GetObject": 2}) and seen == [True]
 
 
 def test_request_budget_of_large_transfers(location, s3_server):
@@ -1293,7 +1306,7 @@ def test_a_miss_sends_the_metadata_beside_the_result(location, s3_server):
     cached(1)  # the function's code is stored
     seen = hold_the_result_until_its_metadata(s3_server, "PutObject")
     assert cached(2) == 4
-    assert seen == {"together": True}
+    assert seen == [True]
     assert cached.check_call_in_cache(2)
 
 
@@ -1424,6 +1437,27 @@ def test_a_hit_that_meets_a_transient_fault_still_hits(location, s3_server, oper
         warnings.simplefilter("error", joblib_store.CacheWarning)
         np.testing.assert_array_equal(cached(1000), expected)
     assert fault.fired, "the fault was never injected"
+
+
+def test_a_lookup_beside_the_code_that_fails_is_made_again(location, s3_server):
+    # In a process that did not write the code, the lookup goes out beside
+    # the read of func_code.py; when it fails, the existence check looks
+    # again, and the call is still a hit.
+    Memory(location, verbose=0).cache(fresh(square))(2)
+    cached = Memory(location, verbose=0, backend_options=FAST_FAILURE).cache(fresh(square))
+    failed = []
+
+    def fail_the_lookup_beside_the_code(operation, path, query):
+        if operation == "GetObject" and path.endswith("/output.pkl") and len(failed) < 2:
+            failed.append(path)  # both attempts of the first lookup
+            return (503, "SlowDown")
+        return None
+
+    s3_server.faults.append(fail_the_lookup_beside_the_code)
+    with s3_server.counting() as hit, no_warnings():
+        assert cached(2) == 4
+    assert CALLS == [2] and len(failed) == 2
+    assert hit == Counter({"GetObject": 4}), hit  # func_code.py, 2 failed, then the hit
 
 
 def test_a_lookup_whose_body_breaks_off_is_read_again(location, s3_server):
@@ -2186,9 +2220,10 @@ def test_a_hit_on_a_machine_with_the_copy_moves_no_byte(location, s3_server, tmp
     with s3_server.recording() as hit:
         result = cached(100_000)
     assert isinstance(result, np.memmap)
-    # The miss uploads the result and keeps the bytes it produced: no GET.
+    # The miss uploads the result and keeps the bytes it produced: no GET
+    # but the lookup beside the read of func_code.py, which finds nothing.
     assert [(r.operation, r.status) for r in miss if r.path.endswith("output.pkl")] == [
-        ("PutObject", 200)]
+        ("GetObject", 404), ("PutObject", 200)]
     # One GET, answered "not modified": the copy is the version S3 holds.
     assert [(r.operation, r.status) for r in hit] == [("GetObject", 304)]
 
