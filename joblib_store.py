@@ -162,15 +162,41 @@ class _JoblibCall:
     validating: bool
     args_id: object = None  # of the call, in _cached_call
 
-    @property
-    def code_digest(self):
-        """The digest of the code of the function called, or None where
-        there is none to read (a ``MemorizedResult.get()`` knows no code)."""
+    def calls(self, func_id):
+        """Whether this joblib call runs the function func_id (a
+        ``MemorizedResult.get()`` made inside another cached function is
+        found in that function's frames, and is not a call of it)."""
+        memorized = self.memorized
+        try:
+            # Breakpoint: joblib < 1.4 keeps no func_id on a MemorizedFunc.
+            own_id = getattr(memorized, "func_id", None)
+            if own_id is None:
+                own_id = joblib.memory._build_func_identifier(memorized.func)
+        except Exception:
+            return False
+        return own_id == func_id
+
+    def code_digest(self, func_id):
+        """The digest of the code of the function func_id this call runs,
+        or None (a ``MemorizedResult.get()`` knows no code)."""
+        if not self.calls(func_id):
+            return None
+        func = self.memorized.func
+        code_id = id(getattr(func, "__code__", None))
+        try:
+            known = _CODE_DIGESTS.get(func)
+        except TypeError:  # a function that cannot be weakly referenced
+            known = None
+        if known is not None and known[0] == code_id:
+            return known[1]
         try:
             func_code = self.memorized.func_code_info[0]
         except Exception:
             return None
-        return _code_digest(func_code) if isinstance(func_code, str) else None
+        digest = _code_digest(func_code) if isinstance(func_code, str) else None
+        with contextlib.suppress(TypeError):
+            _CODE_DIGESTS[func] = (code_id, digest)
+        return digest
 
 
 def _joblib_call(depth=2):
@@ -233,6 +259,14 @@ _ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS)
 # rewritten by another process mid-run, or none written at all (joblib
 # writes it in the first cache a function meets in a process only).
 _CODE_DIGEST = "code-digest"
+
+
+# The code digest of each function met in this process, by function object.
+# joblib reads the source again for each new MemorizedFunc of a function,
+# while the function runs the code it was loaded with (a module edited on
+# disk and not reloaded, say): like joblib's own record of the functions it
+# checked, the first reading stands, until the function's __code__ changes.
+_CODE_DIGESTS = weakref.WeakKeyDictionary()
 
 
 def _code_digest(func_code):
@@ -2899,7 +2933,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             call is not None and call.validating
             and getattr(call.memorized, "cache_validation_callback", None) is not None
         )
-        code_digest = call.code_digest if call is not None else None
+        code_digest = call.code_digest(self._func_id_of(key)) if call is not None else None
         copy = self._parts.loads.current_copy(key, code_digest) if loads else None
         return self._parts.loads.look_up(key, loads, validates, copy, code_digest)
 
@@ -2932,7 +2966,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         found = _PROCESS.handover.take("found", url, call)
         started = time.perf_counter()
         try:
-            code_digest = call.code_digest if call is not None else None
+            code_digest = call.code_digest(call_id[0]) if call is not None else None
             item, opened, last_modified = self._parts.loads.load(key, found, code_digest)
         except FileNotFoundError:
             # The words of joblib's own backend.
@@ -3009,11 +3043,11 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             print(f"Persisting in {self._client.url(posixpath.dirname(key))}")
         started = time.perf_counter()
         new_copy = self._new_copy(key) if reloaded is not None else None
-        code_digest = call.code_digest if call is not None else None
+        code_digest = call.code_digest(func_id) if call is not None else None
         writer = _MultipartWriter(
             self._client, key, self.options.part_size, self.options.max_concurrency,
             copy_to=new_copy.file if new_copy is not None else None,
-            metadata={_CODE_DIGEST: code_digest} if code_digest is not None else None,
+            metadata=self._metadata_with(code_digest),
         )
         try:
             _dump(item, writer, self.compress)
@@ -3053,6 +3087,14 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             # store_metadata sends next; a large one ends here, as joblib
             # would warn of a slow store_metadata.
             _PROCESS.handover.put("publishing", publishing)
+
+    def _metadata_with(self, code_digest):
+        """The user metadata of a result: the user's own (s3fs's
+        s3_additional_kwargs), and the digest of its code."""
+        if code_digest is None:
+            return None
+        own = self.fs.s3_additional_kwargs.get("Metadata") or {}
+        return {**own, _CODE_DIGEST: code_digest}
 
     def _leave_unstored(self, url, anchors):
         """Note that the result of this joblib call was not stored."""
@@ -3217,7 +3259,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         # beside this read: a hit in a process that did not write the code
         # takes one round trip, not two.
         output_key = lookup = None
-        if call is not None and call.args_id and not function.off:
+        if call is not None and call.args_id and call.calls(func_id) and not function.off:
             output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
             lookup = self._look_up(call, output_key)
         try:

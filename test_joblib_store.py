@@ -469,6 +469,10 @@ def identity(value):
     return value
 
 
+def got_plus_one(shelved):
+    return shelved.get() + 1
+
+
 def add(x, y, debug=False):
     CALLS.append((x, y))
     return x + y
@@ -1328,6 +1332,59 @@ def test_a_first_miss_uploads_its_result_beside_its_code(location, s3_server, s3
     assert all(request.started < code.ended for request in later)
     stored = s3_client.head_object(Bucket=bucket, Key=stored_key(s3_client, bucket))
     assert stored["Metadata"] == {"code-digest": joblib_store._code_digest(cached.func_code_info[0])}
+
+
+def test_a_result_shelved_by_one_function_is_got_inside_another(location):
+    # get() inside a cached function is no call of that function: its code
+    # is not the shelved result's.
+    memory = Memory(location, verbose=0)
+    shelved = memory.cache(fresh(square)).call_and_shelve(3)
+    with no_warnings():
+        assert memory.cache(fresh(got_plus_one))(shelved) == 10
+        assert memory.cache(fresh(got_plus_one))(shelved) == 10
+    assert CALLS == [3]
+
+
+def test_a_results_user_metadata_is_kept_beside_its_code_digest(bucket, s3_client):
+    memory = Memory(f"s3://{bucket}/cache", verbose=0, backend_options={
+        "s3_additional_kwargs": {"Metadata": {"team": "vision"}}})
+    cached = memory.cache(fresh(square))
+    cached(2)
+    stored = s3_client.head_object(Bucket=bucket, Key=stored_key(s3_client, bucket))
+    assert stored["Metadata"] == {
+        "team": "vision", "code-digest": joblib_store._code_digest(cached.func_code_info[0])}
+    assert cached(2) == 4 and CALLS == [2]
+
+
+def test_a_function_keeps_the_code_digest_of_its_first_reading(
+        location, s3_client, bucket, tmp_path, monkeypatch):
+    # joblib reads the source again for each new MemorizedFunc; a module
+    # edited on disk but not reloaded still runs its old code.
+    (tmp_path / "edited.py").write_text("def f(x):\n    return ('old', x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "edited", raising=False)
+    import edited
+
+    memory = Memory(location, verbose=0)
+    assert memory.cache(edited.f)(1) == ("old", 1)
+    (tmp_path / "edited.py").write_text("def f(x):\n    return ('new', x)\n")
+    assert memory.cache(edited.f)(2) == ("old", 2)  # wrapped again, the old code runs
+    results = [k for k in keys_in(s3_client, bucket) if k.endswith("/output.pkl")]
+    digests = {s3_client.head_object(Bucket=bucket, Key=k)["Metadata"]["code-digest"]
+               for k in results}
+    assert len(results) == 2 and len(digests) == 1
+    # With func_code.py gone, the new code never gets a result of the old.
+    s3_client.delete_object(Bucket=bucket, Key=stored_key(s3_client, bucket, "func_code.py"))
+    program = f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import edited, joblib_store
+        from joblib import Memory
+        cached = Memory({location!r}, verbose=0).cache(edited.f)
+        cached(5)
+        print(cached(2))
+        """
+    assert run_python(program, PYTHONDONTWRITEBYTECODE="1").strip() == "('new', 2)"
 
 
 CHANGING_PROGRAM = """
