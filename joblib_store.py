@@ -636,13 +636,28 @@ class _Found(_Handed):
 @dataclasses.dataclass
 class _LookedUp(_Handed):
     """A lookup made beside the read of func_code.py, for the existence
-    check that follows: ``found`` is its answer (None for a miss)."""
+    check that follows: ``found`` is its answer (None for a miss), or
+    ``error`` its failure."""
 
     found: dict = None
+    error: Exception = None
 
     def let_go(self):
         if self.found is not None and self.found.get("opened") is not None:
             self.found["opened"].close()
+
+
+def _let_go_of_lookup(task):
+    """Cancel a lookup nobody will use; close what it opened if it ended."""
+
+    def close(done):
+        if not done.cancelled() and done.exception() is None and done.result():
+            opened = done.result().get("opened")
+            if opened is not None:
+                opened.close()
+
+    task.add_done_callback(close)
+    task.cancel()
 
 
 @dataclasses.dataclass
@@ -2912,14 +2927,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             if not self._recover(func_id, function):
                 return False
             looked_up = None
-        if looked_up is not None:
-            found = looked_up.found
-        else:
-            try:
+        try:
+            if looked_up is None:
                 found = self._client.run(self._look_up(call, key))
-            except Exception as error:
-                self._on_failure("check the cache", error)
-                return False
+            elif looked_up.error is not None:
+                raise looked_up.error
+            else:
+                found = looked_up.found
+        except Exception as error:
+            self._on_failure("check the cache", error)
+            return False
         if found is None:
             return False
         if call is not None:
@@ -3255,40 +3272,53 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         function = self._function(func_id)
         key = self._key_of_call(call_id, FUNC_CODE)
         client = self._client
-        # The lookup joblib makes next, when the code matches, goes out
-        # beside this read: a hit in a process that did not write the code
-        # takes one round trip, not two.
-        output_key = lookup = None
-        if call is not None and call.args_id and call.calls(func_id) and not function.off:
+        # The lookup joblib makes next, when the code is the caller's, goes
+        # out beside this read: a hit in a process that did not write the
+        # code takes one round trip, not two.
+        output_key = lookup = code_digest = None
+        if call is not None and call.args_id and not function.off:
+            code_digest = call.code_digest(func_id)
+        if code_digest is not None:
             output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
             lookup = self._look_up(call, output_key)
         try:
-            data, lookup = client.run(self._read_code(key, lookup))
+            data, lookup = client.run(self._read_code(key, lookup, code_digest))
         except FileNotFoundError:
             raise  # no code stored yet: joblib writes its own next
         except Exception as error:
             self._on_failure("read function code", error, func_id)
             raise OSError(f"cannot read {client.url(key)}: {error}") from error
-        if output_key is not None and not isinstance(lookup, BaseException):
-            # A failed lookup is made again by the existence check.
-            _PROCESS.handover.put(
-                "looked_up", _LookedUp(client.url(output_key), call.anchors, found=lookup)
-            )
+        if lookup is not None:
+            # Its answer, or its failure (which its retries did not end),
+            # serves the existence check that follows.
+            _PROCESS.handover.put("looked_up", _LookedUp(
+                client.url(output_key), call.anchors,
+                found=None if isinstance(lookup, Exception) else lookup,
+                error=lookup if isinstance(lookup, Exception) else None,
+            ))
         return _readable_func_code(data)
 
-    async def _read_code(self, key, lookup):
+    async def _read_code(self, key, lookup, code_digest):
         """func_code.py's bytes, and the answer of the lookup (a coroutine,
-        or None) made beside it: what it found, or its exception."""
+        or None) made beside it: what it found, or its exception. A lookup
+        joblib will not make (the code is missing, unreadable, or not the
+        caller's) is let go without waiting for it."""
         if lookup is None:
             return await self._client.read(key), None
-        code, lookup = await asyncio.gather(
-            self._client.read(key), lookup, return_exceptions=True
-        )
-        if isinstance(code, BaseException):
-            if isinstance(lookup, dict) and lookup.get("opened") is not None:
-                lookup["opened"].close()
-            raise code
-        return code, lookup
+        looking = asyncio.ensure_future(lookup)
+        try:
+            data = await self._client.read(key)
+        except BaseException:
+            _let_go_of_lookup(looking)
+            raise
+        stored = joblib.memory.extract_first_line(_readable_func_code(data))[0]
+        if _code_digest(stored) != code_digest:
+            _let_go_of_lookup(looking)
+            return data, None
+        try:
+            return data, await looking
+        except Exception as error:
+            return data, error
 
     def clear(self):
         self._begin()

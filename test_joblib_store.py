@@ -464,6 +464,11 @@ def square(x):
     return x * x
 
 
+def cube(x):
+    CALLS.append(x)
+    return x * x * x
+
+
 def identity(value):
     CALLS.append(1)
     return value
@@ -1496,25 +1501,44 @@ def test_a_hit_that_meets_a_transient_fault_still_hits(location, s3_server, oper
     assert fault.fired, "the fault was never injected"
 
 
-def test_a_lookup_beside_the_code_that_fails_is_made_again(location, s3_server):
+def test_a_lookup_beside_the_code_that_fails_is_a_miss(location, s3_server):
     # In a process that did not write the code, the lookup goes out beside
-    # the read of func_code.py; when it fails, the existence check looks
-    # again, and the call is still a hit.
+    # the read of func_code.py; its failure, once its retries are spent, is
+    # the lookup's failure: a miss, not a second round of retries.
     Memory(location, verbose=0).cache(fresh(square))(2)
     cached = Memory(location, verbose=0, backend_options=FAST_FAILURE).cache(fresh(square))
-    failed = []
+    s3_server.faults.append(lambda operation, path, query: (503, "SlowDown") if (
+        operation == "GetObject" and path.endswith("/output.pkl")) else None)
+    with s3_server.counting() as call, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert cached(2) == 4
+    assert CALLS == [2, 2]
+    assert [m for m in cache_warnings(caught) if "could not check the cache" in m], caught
+    assert call["GetObject"] == 3, call  # func_code.py, and the lookup's two attempts
 
-    def fail_the_lookup_beside_the_code(operation, path, query):
-        if operation == "GetObject" and path.endswith("/output.pkl") and len(failed) < 2:
-            failed.append(path)  # both attempts of the first lookup
-            return (503, "SlowDown")
+
+def test_a_call_never_waits_for_a_lookup_joblib_will_not_make(location, s3_server):
+    released, held_to_the_end = threading.Event(), []
+
+    def hold_the_lookup(operation, path, query):
+        if operation == "GetObject" and path.endswith("/output.pkl"):
+            held_to_the_end.append(not released.wait(timeout=10))
         return None
 
-    s3_server.faults.append(fail_the_lookup_beside_the_code)
-    with s3_server.counting() as hit, no_warnings():
-        assert cached(2) == 4
-    assert CALLS == [2] and len(failed) == 2
-    assert hit == Counter({"GetObject": 4}), hit  # func_code.py, 2 failed, then the hit
+    s3_server.faults.append(hold_the_lookup)
+    cached = Memory(location, verbose=0).cache(fresh(square))
+    assert cached(2) == 4  # a first miss: no func_code.py, so no lookup follows
+    changed = fresh(cube)
+    changed.__name__ = changed.__qualname__ = "square"  # square's func_id, other code
+    other = Memory(location, verbose=0).cache(changed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # joblib warns of the changed code
+        assert other(2) == 8
+    released.set()
+    deadline = time.monotonic() + 5
+    while len(held_to_the_end) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert held_to_the_end == [False, False]
 
 
 def test_a_lookup_whose_body_breaks_off_is_read_again(location, s3_server):
