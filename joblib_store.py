@@ -647,6 +647,9 @@ class _LookedUp(_Handed):
             self.found["opened"].close()
 
 
+_NO_ANSWER = object()  # no lookup went out beside a read of func_code.py, or it was let go
+
+
 def _let_go_of_lookup(task):
     """Cancel a lookup nobody will use; close what it opened if it ended."""
 
@@ -3282,29 +3285,29 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
             lookup = self._look_up(call, output_key)
         try:
-            data, lookup = client.run(self._read_code(key, lookup, code_digest))
+            data, answer = client.run(self._read_code(key, lookup, code_digest))
         except FileNotFoundError:
             raise  # no code stored yet: joblib writes its own next
         except Exception as error:
             self._on_failure("read function code", error, func_id)
             raise OSError(f"cannot read {client.url(key)}: {error}") from error
-        if lookup is not None:
-            # Its answer, or its failure (which its retries did not end),
+        if answer is not _NO_ANSWER:
+            # What it found, or its failure (which its retries did not end),
             # serves the existence check that follows.
             _PROCESS.handover.put("looked_up", _LookedUp(
                 client.url(output_key), call.anchors,
-                found=None if isinstance(lookup, Exception) else lookup,
-                error=lookup if isinstance(lookup, Exception) else None,
+                found=None if isinstance(answer, Exception) else answer,
+                error=answer if isinstance(answer, Exception) else None,
             ))
         return _readable_func_code(data)
 
     async def _read_code(self, key, lookup, code_digest):
         """func_code.py's bytes, and the answer of the lookup (a coroutine,
-        or None) made beside it: what it found, or its exception. A lookup
-        joblib will not make (the code is missing, unreadable, or not the
-        caller's) is let go without waiting for it."""
+        or None) made beside it: what it found, or its exception, or
+        _NO_ANSWER. A lookup joblib will not make (the code is missing,
+        unreadable, or not the caller's) is let go without waiting for it."""
         if lookup is None:
-            return await self._client.read(key), None
+            return await self._client.read(key), _NO_ANSWER
         looking = asyncio.ensure_future(lookup)
         try:
             data = await self._client.read(key)
@@ -3314,7 +3317,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         stored = joblib.memory.extract_first_line(_readable_func_code(data))[0]
         if _code_digest(stored) != code_digest:
             _let_go_of_lookup(looking)
-            return data, None
+            return data, _NO_ANSWER
         try:
             return data, await looking
         except Exception as error:

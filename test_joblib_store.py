@@ -1203,6 +1203,20 @@ def test_request_budget_of_misses_and_hits(bucket, s3_server, compress):
 
 
 @pytest.mark.parametrize("compress", [False, 3], ids=["raw", "zlib3"])
+def test_request_budget_of_a_miss_where_the_code_was_not_written(bucket, s3_server, compress):
+    location = f"s3://{bucket}/cache"
+    Memory(location, verbose=0, compress=compress).cache(fresh(square))(1)
+    # A new function object: joblib reads its stored code, as in a fresh process.
+    cached = Memory(location, verbose=0, compress=compress).cache(fresh(square))
+    together = hold_until_beside(s3_server, "GetObject", "/func_code.py", "/output.pkl")
+    with s3_server.counting() as miss:
+        assert cached(2) == 4
+    # func_code.py beside the lookup (404), then the result and its metadata.
+    assert miss == Counter({"GetObject": 2, "PutObject": 2}), miss
+    assert together == [True]
+
+
+@pytest.mark.parametrize("compress", [False, 3], ids=["raw", "zlib3"])
 def test_request_budget_of_a_hit_in_a_fresh_process(location, bucket, s3_server, compress):
     Memory(location, verbose=0, compress=compress).cache(fresh(square))(3)
     program = f"""
