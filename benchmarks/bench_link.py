@@ -139,6 +139,10 @@ def measure_transfer(spec):
         seconds = time.perf_counter() - started
         os.unlink(path) if os.path.exists(path) else None
         os.rmdir(folder)
+        if implementation == "joblib_store" and spec["run"] != 0:
+            # Only run 0's result is loaded: the others would pile up in
+            # moto's memory and slow the runs after them.
+            cached.call_and_shelve(size, f"{compress}-{spec['run']}").clear()
         return {"seconds": seconds}
     folder = tempfile.mkdtemp()
     path = os.path.join(folder, "payload.pkl")
