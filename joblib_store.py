@@ -250,6 +250,7 @@ METADATA = "metadata.json"
 FUNC_CODE = "func_code.py"
 LAST_ACCESS = "last_access"
 _ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS)
+_ARGS_ID = re.compile(r"[a-f0-9]{32}")
 
 # Each output.pkl carries, as S3 user metadata, a digest of the code that
 # computed it (joblib's func_code, without its "first line" header: the
@@ -259,6 +260,7 @@ _ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS)
 # rewritten by another process mid-run, or none written at all (joblib
 # writes it in the first cache a function meets in a process only).
 _CODE_DIGEST = "code-digest"
+_CODE_DIGEST_FORMAT = re.compile(r"[0-9a-f]{32}")
 
 
 # The code digest of each function met in this process, by function object.
@@ -275,13 +277,12 @@ def _code_digest(func_code):
 
 
 def _is_code_digest(value):
-    return isinstance(value, str) and re.fullmatch(r"[0-9a-f]{32}", value) is not None
+    return isinstance(value, str) and _CODE_DIGEST_FORMAT.fullmatch(value) is not None
 
 
 def _code_digest_of(response):
     """The code digest in a GET's or HEAD's response, or None."""
     return (response.get("Metadata") or {}).get(_CODE_DIGEST)
-_ARGS_ID = re.compile(r"[a-f0-9]{32}")
 
 # --------------------------------------------------------------------------
 # 3. Options. Everything configure receives is validated here, once, into a
@@ -2628,8 +2629,8 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     streamed multipart upload made visible by one last request, and read as
     concurrent byte ranges; each carries the digest of the code that
     computed it, and is served only to that code. A warm hit is one GET;
-    see the README for every operation. The store pickles as its options alone: a worker that
-    unpickles it builds its own connections.
+    see the README for every operation. The store pickles as its options
+    alone: a worker that unpickles it builds its own connections.
     """
 
     location = None
