@@ -644,8 +644,13 @@ class _LookedUp(_Handed):
     error: Exception = None
 
     def let_go(self):
-        if self.found is not None and self.found.get("opened") is not None:
-            self.found["opened"].close()
+        _close_opened(self.found)
+
+
+def _close_opened(found):
+    """Close the first range a lookup's answer (a dict, or None) opened."""
+    if found and found.get("opened") is not None:
+        found["opened"].close()
 
 
 _NO_ANSWER = object()  # no lookup went out beside a read of func_code.py, or it was let go
@@ -655,10 +660,8 @@ def _let_go_of_lookup(task):
     """Cancel a lookup nobody will use; close what it opened if it ended."""
 
     def close(done):
-        if not done.cancelled() and done.exception() is None and done.result():
-            opened = done.result().get("opened")
-            if opened is not None:
-                opened.close()
+        if not done.cancelled() and done.exception() is None:
+            _close_opened(done.result())
 
     task.add_done_callback(close)
     task.cancel()
@@ -3286,7 +3289,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
             lookup = self._look_up(call, output_key)
         try:
-            data, answer = client.run(self._read_code(key, lookup, code_digest))
+            code, answer = client.run(self._read_code(key, lookup, code_digest))
         except FileNotFoundError:
             raise  # no code stored yet: joblib writes its own next
         except Exception as error:
@@ -3300,29 +3303,28 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                 found=None if isinstance(answer, Exception) else answer,
                 error=answer if isinstance(answer, Exception) else None,
             ))
-        return _readable_func_code(data)
+        return code
 
     async def _read_code(self, key, lookup, code_digest):
-        """func_code.py's bytes, and the answer of the lookup (a coroutine,
-        or None) made beside it: what it found, or its exception, or
-        _NO_ANSWER. A lookup joblib will not make (the code is missing,
-        unreadable, or not the caller's) is let go without waiting for it."""
+        """func_code.py as joblib compares it, and the answer of the lookup
+        (a coroutine, or None) made beside it: what it found, or its
+        exception, or _NO_ANSWER. A lookup joblib will not make (the code is
+        missing, unreadable, or not the caller's) is let go unawaited."""
         if lookup is None:
-            return await self._client.read(key), _NO_ANSWER
+            return _readable_func_code(await self._client.read(key)), _NO_ANSWER
         looking = asyncio.ensure_future(lookup)
         try:
-            data = await self._client.read(key)
+            code = _readable_func_code(await self._client.read(key))
         except BaseException:
             _let_go_of_lookup(looking)
             raise
-        stored = joblib.memory.extract_first_line(_readable_func_code(data))[0]
-        if _code_digest(stored) != code_digest:
+        if _code_digest(joblib.memory.extract_first_line(code)[0]) != code_digest:
             _let_go_of_lookup(looking)
-            return data, _NO_ANSWER
+            return code, _NO_ANSWER
         try:
-            return data, await looking
+            return code, await looking
         except Exception as error:
-            return data, error
+            return code, error
 
     def clear(self):
         self._begin()
