@@ -1742,7 +1742,12 @@ class _MultipartWriter(io.RawIOBase):
         while size:
             piece = self._pieces.popleft()
             if len(piece) > size:
-                self._pieces.appendleft(piece[size:])
+                rest = piece[size:]
+                if 2 * len(rest) < len(rest.obj):
+                    # A view keeps all of its buffer alive: a small rest is
+                    # copied, so the buffer goes with the part sent now.
+                    rest = memoryview(bytes(rest))
+                self._pieces.appendleft(rest)
                 piece = piece[:size]
             views.append(piece)
             size -= len(piece)

@@ -1931,6 +1931,22 @@ def test_a_single_write_larger_than_a_part_is_split_into_valid_parts(
     assert store.load_item(["f", "a" * 32]) == value
 
 
+def test_what_waits_for_the_next_part_holds_only_its_own_bytes(location, s3_client, bucket):
+    # joblib writes an array in 16 MiB buffers after a header of a few
+    # bytes, so parts straddle buffers. Were the header-sized rest of a
+    # buffer a view, it would keep the whole buffer in memory until the next
+    # part was uploaded.
+    store = Memory(location, verbose=0).store_backend
+    writer = joblib_store._MultipartWriter(store._client, "cache/joblib/f/straddle", 5 * MiB, 2)
+    writer.write(b"h" * 100)
+    writer.write(b"x" * (10 * MiB))  # parts: the header and 5 MiB - 100 bytes, then 5 MiB
+    assert [(len(piece), len(piece.obj)) for piece in writer._pieces] == [(100, 100)]
+    writer.write(b"y" * 100)
+    writer.commit().result()
+    body = s3_client.get_object(Bucket=bucket, Key="cache/joblib/f/straddle")["Body"].read()
+    assert body == b"h" * 100 + b"x" * (10 * MiB) + b"y" * 100
+
+
 @needs_joblib_13
 @pytest.mark.parametrize("damage", ["missing", "garbled", "late"])
 def test_unreadable_metadata_with_a_validation_callback_is_a_miss(
