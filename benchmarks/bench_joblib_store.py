@@ -77,6 +77,44 @@ def keep_objects_in_memory():
     FakeKey.value = property(read, write)
 
 
+def checksum_multipart_objects_part_by_part():
+    """Make moto checksum a whole multipart object as its parts come.
+
+    At the Complete of an upload that names no checksum algorithm (boto3
+    names CRC32 and is spared), moto copies every part into one buffer,
+    copies that into bytes and runs a CRC32 over it: about 0.1 s for
+    64 MiB on this machine, charged to that client alone. S3 combines the
+    checksums of the parts instead. The benchmark's moto computes the same
+    value a part at a time, without the copies; other checksums are moto's.
+    """
+    import base64
+    import binascii
+
+    from moto.s3 import models, utils
+
+    builder = models.MultipartChecksumBuilder
+    add_part, build = builder.addPart, builder.build
+
+    def is_a_whole_object_crc32(self):
+        return self.checksum_type == "FULL_OBJECT" and (
+            self.checksum_algorithm == "CRC32"
+            or (self.checksum_algorithm == "CRC64NVME" and not utils.HAS_CRT))
+
+    def streamed_add_part(self, part):
+        if not is_a_whole_object_crc32(self):
+            return add_part(self, part)
+        self.running_crc32 = binascii.crc32(part, getattr(self, "running_crc32", 0))
+        self.part_count += 1
+
+    def streamed_build(self):
+        if not is_a_whole_object_crc32(self):
+            return build(self)
+        crc = getattr(self, "running_crc32", 0).to_bytes(4, "big")
+        return self.checksum_type, base64.b64encode(crc).decode(), 1
+
+    builder.addPart, builder.build = streamed_add_part, streamed_build
+
+
 def serve(port_file):
     """Run moto's S3 server, counting requests; GET /__requests__ reads them."""
     import logging
@@ -93,6 +131,7 @@ def serve(port_file):
 
     logging.getLogger("werkzeug").setLevel(logging.WARNING)
     keep_objects_in_memory()
+    checksum_multipart_objects_part_by_part()
     moto = DomainDispatcherApplication(create_backend_app)
     counts = Counter()
     lock = threading.Lock()
