@@ -669,7 +669,7 @@ def _let_go_of_lookup(task):
 
 @dataclasses.dataclass
 class _Publishing(_Handed):
-    """The last request of a result's upload, ended beside the metadata's PUT."""
+    """A small result's upload, ended beside the metadata's PUT."""
 
     store: object = None
     future: object = None  # the upload's last request
@@ -1780,17 +1780,6 @@ class _MultipartWriter(io.RawIOBase):
         ))
         self._parts.append(future)
         self._in_flight.append(future)
-
-    @property
-    def in_one_wave(self):
-        """Whether the parts all went out at once (the last part never waits
-        for a free slot)."""
-        return len(self._parts) <= self._max_concurrency + 1
-
-    def wait_for_parts(self):
-        """Wait until every part is uploaded or failed (the commit's
-        future says which)."""
-        concurrent.futures.wait(self._parts)
 
     def commit(self):
         """Make the object visible; return a future of the response."""
@@ -3120,18 +3109,13 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             code_digest=code_digest, item=reloaded, started=started, size=writer.tell(),
         )
         _PROCESS.track(publishing.future)
-        # What is left of the upload goes out beside the metadata's PUT,
-        # which store_metadata sends next, when it is one short request: a
-        # small result's PUT, or the Complete of parts that all went out at
-        # once (uploaded here). Else it ends here: joblib warns of a
-        # store_metadata that takes more than 0.5 s.
-        if anchors and writer.tell() <= _SMALL_RESULT:
-            _PROCESS.handover.put("publishing", publishing)
-        elif anchors and writer.tell() > self.options.part_size and writer.in_one_wave:
-            writer.wait_for_parts()
-            _PROCESS.handover.put("publishing", publishing)
-        else:
+        if not anchors or writer.tell() > _SMALL_RESULT:
             self._finish_publishing(publishing)
+        else:
+            # A small result's PUT goes out beside the metadata's, which
+            # store_metadata sends next; a large one ends here, as joblib
+            # would warn of a slow store_metadata.
+            _PROCESS.handover.put("publishing", publishing)
 
     def _metadata_with(self, code_digest):
         """The user metadata of a result: the user's own (s3fs's

@@ -1240,17 +1240,17 @@ def test_request_budget_of_a_hit_in_a_fresh_process(location, bucket, s3_server,
     assert together == [True] * 3
 
 
-def hold_until_beside(s3_server, operation, held, awaited, awaited_operation=None):
+def hold_until_beside(s3_server, operation, held, awaited):
     """Make the server answer a request (operation) on a key ending in held
-    only once the same request (or awaited_operation) on a key ending in
-    awaited arrived: a call completes at once only if both went out
-    together (the hold gives up after 10 s otherwise). Returns, for each
-    held request, whether its companion came."""
+    only once the same request on a key ending in awaited arrived: a call
+    completes at once only if both went out together (the hold gives up
+    after 10 s otherwise). Returns, for each held request, whether its
+    companion came."""
     arrived = threading.Event()
     together = []
 
     def hold(request_operation, path, query):
-        if request_operation == (awaited_operation or operation) and path.endswith(awaited):
+        if request_operation == operation and path.endswith(awaited):
             arrived.set()
         if request_operation == operation and path.endswith(held):
             together.append(arrived.wait(timeout=10))
@@ -1331,35 +1331,6 @@ def test_a_miss_sends_the_metadata_beside_the_result(location, s3_server):
     assert cached(2) == 4
     assert seen == [True]
     assert cached.check_call_in_cache(2)
-
-
-@pytest.mark.parametrize("compress", [0, 3])
-def test_the_complete_of_parts_sent_at_once_goes_beside_the_metadata(location, s3_server, compress):
-    options = {"part_size": 5 * MiB, "max_concurrency": 2}
-    cached = Memory(location, verbose=0, compress=compress,
-                    backend_options=options).cache(fresh(random_array))
-    cached(1000)  # the function's code is stored
-    seen = hold_until_beside(s3_server, "CompleteMultipartUpload", "/output.pkl",
-                             "/metadata.json", awaited_operation="PutObject")
-    size = 12 * MiB // 8  # parts of 5, 5 and 2 MiB, all sent at once
-    with no_warnings():
-        np.testing.assert_array_equal(cached(size), random_array(size))
-    assert seen == [True]
-    assert cached.check_call_in_cache(size)
-
-
-def test_the_complete_of_parts_sent_in_waves_ends_before_the_metadata(location, s3_server):
-    # Its Complete may take long: joblib warns of a slow store_metadata.
-    options = {"part_size": 5 * MiB, "max_concurrency": 2}
-    cached = Memory(location, verbose=0, backend_options=options).cache(fresh(random_array))
-    cached(1000)
-    size = 22 * MiB // 8  # five parts, in waves of two
-    with s3_server.recording() as requests:
-        np.testing.assert_array_equal(cached(size), random_array(size))
-    completed = next(r for r in requests if r.operation == "CompleteMultipartUpload")
-    metadata_put = next(r for r in requests if r.path.endswith("/metadata.json"))
-    assert completed.ended <= metadata_put.started, requests
-    assert cached.check_call_in_cache(size)
 
 
 def test_a_first_miss_uploads_its_result_beside_its_code(location, s3_server, s3_client, bucket):
