@@ -3186,6 +3186,15 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             except Exception as error:
                 if not code_failed:
                     self._on_failure("store metadata", error)
+            else:
+                if failure is not None:
+                    # The metadata went out beside a result that was not
+                    # stored: left, it would date an older result as new,
+                    # and a validation callback (expires_after) would serve
+                    # it. Without it, that result is a miss to the callback.
+                    metadata_key = posixpath.join(posixpath.dirname(key), METADATA)
+                    with contextlib.suppress(Exception):  # the failure is reported
+                        self._client.call("delete_object", Key=metadata_key)
         # joblib maps the result next; its new copy stays held till then.
         self._leave_stored(publishing.url, publishing.anchors, publishing.item, new_copy)
 

@@ -1947,6 +1947,35 @@ def test_what_waits_for_the_next_part_holds_only_its_own_bytes(location, s3_clie
     assert body == b"h" * 100 + b"x" * (10 * MiB) + b"y" * 100
 
 
+GENERATIONS = []
+
+
+def generation(x):
+    GENERATIONS.append(x)
+    return len(GENERATIONS)
+
+
+@needs_joblib_13
+def test_a_refresh_whose_upload_fails_does_not_date_the_older_result_as_new(location, s3_server):
+    # The metadata goes out beside a small result: when only the result
+    # fails, the older result must not look as young as the new metadata.
+    from joblib.memory import expires_after
+
+    GENERATIONS.clear()
+    cached = Memory(location, verbose=0, backend_options=FAST_FAILURE).cache(
+        fresh(generation), cache_validation_callback=expires_after(seconds=2))
+    assert cached(1) == 1
+    time.sleep(1.5)
+    s3_server.faults.append(lambda operation, path, query: (500, "InternalError")
+                            if operation == "PutObject" and path.endswith("/output.pkl") else None)
+    with pytest.warns(joblib_store.CacheWarning, match="store a result"):
+        result = cached.call(1)
+    assert (result[0] if isinstance(result, tuple) else result) == 2
+    s3_server.faults.clear()
+    time.sleep(1.0)  # the first result is 2.5 s old
+    assert cached(1) == 3
+
+
 @needs_joblib_13
 @pytest.mark.parametrize("damage", ["missing", "garbled", "late"])
 def test_unreadable_metadata_with_a_validation_callback_is_a_miss(
