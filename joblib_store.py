@@ -1355,6 +1355,7 @@ _MAX_PARTS = 10_000
 # several TiB within S3's part count, while small results stay cheap.
 _PARTS_PER_SIZE = 1000
 _MIN_RANGE = 1 * _MiB
+_MAX_COPIED_REST = 1 * _MiB  # see _MultipartWriter._take
 _ZLIB_STEP = 1 * _MiB  # bytes compressed or inflated per zlib call
 _INFLATE_AHEAD = 8  # inflated steps kept ready for the unpickler
 _ZLIB_PREFIX = b"\x78"  # how joblib recognises a zlib-compressed pickle
@@ -1743,9 +1744,12 @@ class _MultipartWriter(io.RawIOBase):
             piece = self._pieces.popleft()
             if len(piece) > size:
                 rest = piece[size:]
-                if 2 * len(rest) < len(rest.obj):
-                    # A view keeps all of its buffer alive: a small rest is
-                    # copied, so the buffer goes with the part sent now.
+                if len(rest) <= _MAX_COPIED_REST and 2 * len(rest) < len(rest.obj):
+                    # A view keeps all of its buffer alive: a small rest (as
+                    # the few bytes of a buffer of joblib's past the pickle
+                    # header's offset) is copied, so the buffer goes with
+                    # the part sent now. A large one is not: the caller may
+                    # well hold its buffer (a large bytes in the result).
                     rest = memoryview(bytes(rest))
                 self._pieces.appendleft(rest)
                 piece = piece[:size]

@@ -1941,10 +1941,14 @@ def test_what_waits_for_the_next_part_holds_only_its_own_bytes(location, s3_clie
     writer.write(b"h" * 100)
     writer.write(b"x" * (10 * MiB))  # parts: the header and 5 MiB - 100 bytes, then 5 MiB
     assert [(len(piece), len(piece.obj)) for piece in writer._pieces] == [(100, 100)]
+    # A large rest is not copied: the caller may hold its buffer anyway.
+    large = b"z" * (12 * MiB)
+    writer.write(large)  # parts: the 100 bytes and 5 MiB - 100, then 5 MiB; 2 MiB + 100 left
+    assert [piece.obj is large for piece in writer._pieces] == [True]
     writer.write(b"y" * 100)
     writer.commit().result()
     body = s3_client.get_object(Bucket=bucket, Key="cache/joblib/f/straddle")["Body"].read()
-    assert body == b"h" * 100 + b"x" * (10 * MiB) + b"y" * 100
+    assert body == b"h" * 100 + b"x" * (10 * MiB) + large + b"y" * 100
 
 
 GENERATIONS = []
@@ -1956,6 +1960,7 @@ def generation(x):
 
 
 @needs_joblib_13
+@pytest.mark.filterwarnings("ignore:Persisting input arguments took")  # joblib's, on the retries
 def test_a_refresh_whose_upload_fails_does_not_date_the_older_result_as_new(location, s3_server):
     # The metadata goes out beside a small result: when only the result
     # fails, the older result must not look as young as the new metadata.
