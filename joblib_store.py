@@ -2284,6 +2284,8 @@ _FAILURE_POLICY = {
     "check the cache": {_MISS},
     "store a result": {_MISS},
     "store metadata": {_MISS},
+    # Left, it would date an older result as new for a validation callback.
+    "take back the metadata of a result not stored": {_MISS},
     "clear an entry that failed validation": {_MISS},
     # Whatever leaves in doubt which code the stored results belong to: the
     # function runs without the cache in this process, with one warning,
@@ -3197,8 +3199,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                     # and a validation callback (expires_after) would serve
                     # it. Without it, that result is a miss to the callback.
                     metadata_key = posixpath.join(posixpath.dirname(key), METADATA)
-                    with contextlib.suppress(Exception):  # the failure is reported
+                    try:
                         self._client.call("delete_object", Key=metadata_key)
+                    except Exception as error:
+                        self._on_failure("take back the metadata of a result not stored", error)
         # joblib maps the result next; its new copy stays held till then.
         self._leave_stored(publishing.url, publishing.anchors, publishing.item, new_copy)
 

@@ -1961,7 +1961,9 @@ def generation(x):
 
 @needs_joblib_13
 @pytest.mark.filterwarnings("ignore:Persisting input arguments took")  # joblib's, on the retries
-def test_a_refresh_whose_upload_fails_does_not_date_the_older_result_as_new(location, s3_server):
+@pytest.mark.parametrize("delete", ["works", "fails"])
+def test_a_refresh_whose_upload_fails_does_not_date_the_older_result_as_new(
+        location, s3_server, delete):
     # The metadata goes out beside a small result: when only the result
     # fails, the older result must not look as young as the new metadata.
     from joblib.memory import expires_after
@@ -1973,10 +1975,19 @@ def test_a_refresh_whose_upload_fails_does_not_date_the_older_result_as_new(loca
     time.sleep(1.5)
     s3_server.faults.append(lambda operation, path, query: (500, "InternalError")
                             if operation == "PutObject" and path.endswith("/output.pkl") else None)
-    with pytest.warns(joblib_store.CacheWarning, match="store a result"):
+    if delete == "fails":
+        s3_server.faults.append(lambda operation, path, query: (500, "InternalError")
+                                if operation == "DeleteObject" else None)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         result = cached.call(1)
     assert (result[0] if isinstance(result, tuple) else result) == 2
+    messages = cache_warnings(caught)
+    assert any("could not store a result" in message for message in messages), messages
     s3_server.faults.clear()
+    if delete == "fails":  # nothing else can be done: it is said
+        assert any("could not take back the metadata" in message for message in messages)
+        return
     time.sleep(1.0)  # the first result is 2.5 s old
     assert cached(1) == 3
 
