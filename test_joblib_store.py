@@ -2095,11 +2095,15 @@ def counted_square(x):
 
 
 def forked_call(x):
-    """In a forked worker: the cached value, the pid, and any warning."""
+    """In a forked worker: the cached value, the pid, and any warning but
+    joblib's on a slow metadata write (as no_warnings)."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         value = FORKED["cached"](x)
-    return value, os.getpid(), [f"{w.category.__name__}: {w.message}" for w in caught]
+    return value, os.getpid(), [
+        f"{w.category.__name__}: {w.message}" for w in caught
+        if not str(w.message).startswith("Persisting input arguments took")
+    ]
 
 
 def fork_pool(inputs):
