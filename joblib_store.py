@@ -250,7 +250,8 @@ METADATA = "metadata.json"
 FUNC_CODE = "func_code.py"
 LAST_ACCESS = "last_access"
 _ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS)
-_ARGS_ID = re.compile(r"[a-f0-9]{32}")
+# An args_id, a code digest and a folder of local copies: 32 hex digits.
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 # Each output.pkl carries, as S3 user metadata, a digest of the code that
 # computed it (joblib's func_code, without its "first line" header: the
@@ -260,7 +261,6 @@ _ARGS_ID = re.compile(r"[a-f0-9]{32}")
 # rewritten by another process mid-run, or none written at all (joblib
 # writes it in the first cache a function meets in a process only).
 _CODE_DIGEST = "code-digest"
-_CODE_DIGEST_FORMAT = re.compile(r"[0-9a-f]{32}")
 
 
 # The code digest of each function met in this process, by function object.
@@ -277,7 +277,7 @@ def _code_digest(func_code):
 
 
 def _is_code_digest(value):
-    return isinstance(value, str) and _CODE_DIGEST_FORMAT.fullmatch(value) is not None
+    return isinstance(value, str) and _HEX32.fullmatch(value) is not None
 
 
 def _code_digest_of(response):
@@ -2125,7 +2125,7 @@ class _LocalCopies:
             return []
         return [
             entry.path for entry in _entries(root)
-            if re.fullmatch(r"[0-9a-f]{32}", entry.name) and entry.is_dir(follow_symlinks=False)
+            if _HEX32.fullmatch(entry.name) and entry.is_dir(follow_symlinks=False)
         ]
 
     @staticmethod
@@ -2913,7 +2913,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         folders = collections.defaultdict(list)
         for obj in self._client.list(self.prefix + "/"):
             folder, _, name = obj["Key"].rpartition("/")
-            if _ARGS_ID.fullmatch(posixpath.basename(folder)) and name in _ITEM_NAMES:
+            if _HEX32.fullmatch(posixpath.basename(folder)) and name in _ITEM_NAMES:
                 folders[folder].append(obj)
         items = []
         for folder, objects in folders.items():
