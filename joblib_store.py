@@ -276,13 +276,32 @@ def _code_digest(func_code):
     return hashlib.sha256(func_code.encode("utf-8", "surrogatepass")).hexdigest()[:32]
 
 
-def _is_code_digest(value):
+def _is_hex32(value):
+    """Whether value has the form of a code digest or a result id."""
     return isinstance(value, str) and _HEX32.fullmatch(value) is not None
 
 
 def _code_digest_of(response):
     """The code digest in a GET's or HEAD's response, or None."""
     return (response.get("Metadata") or {}).get(_CODE_DIGEST)
+
+
+# Each output.pkl written for a joblib call also carries a random result id,
+# and its metadata.json the same id. The two objects are written by separate
+# requests, and either may land without the other (a failure, a retry that
+# lands late, a writer stopped between them, two writers of one call), so a
+# metadata.json may stand beside a result it does not describe; its time
+# would then date that result, and a validation callback (expires_after)
+# would serve an old result as new. A lookup for a callback reads both and
+# takes a pair whose ids differ for a miss. A pair with no id on either
+# (written by an older version of this module) is taken as it is.
+_RESULT_ID = "result-id"  # the S3 user metadata of output.pkl
+_RESULT_ID_FIELD = "joblib_store_result_id"  # the key in metadata.json
+
+
+def _result_id_of(response):
+    """The result id in a GET's or HEAD's response, or None."""
+    return (response.get("Metadata") or {}).get(_RESULT_ID)
 
 # --------------------------------------------------------------------------
 # 3. Options. Everything configure receives is validated here, once, into a
@@ -675,6 +694,7 @@ class _Publishing(_Handed):
     future: object = None  # the upload's last request
     new_copy: object = None  # a local copy written beside it
     code_digest: str = None  # of the code that computed it
+    result_id: str = None  # the id its metadata.json is to carry
     item: object = None  # the result, for joblib's reload of it
     started: float = 0.0
     size: int = 0
@@ -700,12 +720,19 @@ class _Unstored(_Handed):
     """A result that could not be stored: its metadata is not sent."""
 
 
+@dataclasses.dataclass
+class _Written(_Handed):
+    """The result id of a result being stored, for its metadata.json."""
+
+    result_id: str = None
+
+
 class _Handover(threading.local):
     """This thread's slots of handed-over work: ``looked_up``, ``found``,
-    ``publishing``, ``stored`` and ``unstored``. What a later backend call
-    does not take is let go."""
+    ``publishing``, ``written``, ``stored`` and ``unstored``. What a later
+    backend call does not take is let go."""
 
-    looked_up = found = publishing = stored = unstored = None
+    looked_up = found = publishing = written = stored = unstored = None
 
     def put(self, slot, handed):
         self._let_go(slot)
@@ -723,7 +750,7 @@ class _Handover(threading.local):
         return None
 
     def let_go_all_but(self, *slots):
-        for slot in ("publishing", "looked_up", "found", "stored", "unstored"):
+        for slot in ("publishing", "looked_up", "found", "written", "stored", "unstored"):
             if slot not in slots:
                 self._let_go(slot)
 
@@ -1894,10 +1921,13 @@ class _ObjectFile(_MultipartWriter):
 # --------------------------------------------------------------------------
 
 _COPIES_FOLDER = "joblib-store-copies"  # the store touches nothing else
-# <ETag>.<code digest>.<unique>.pkl (the code digest left out for a result
-# that carries none): a name is never given to another file, so a copy held
-# by a reader cannot be replaced under it.
-_COPY_NAME = re.compile(r"([A-Za-z0-9-]+)(?:\.([0-9a-f]{32}))?\.[0-9a-f]{32}\.pkl")
+# <ETag>.<code digest>.<result id>.<unique>.pkl (the code digest and result
+# id left out for a result that carries none, as S3 answers a lookup that
+# finds a copy current with no user metadata): a name is never given to
+# another file, so a copy held by a reader cannot be replaced under it.
+_COPY_NAME = re.compile(
+    r"([A-Za-z0-9-]+)(?:\.([0-9a-f]{32})(?:\.([0-9a-f]{32}))?)?\.[0-9a-f]{32}\.pkl"
+)
 _PART_NAME = re.compile(r"[A-Za-z0-9-]+\.pkl\.[0-9a-f]{32}\.part")
 _STALE_PART = 300  # seconds after which a download's leftover is removed
 
@@ -2004,7 +2034,8 @@ class _LocalCopies:
         return os.path.join(self.root, digest.hexdigest()[:32])
 
     def find(self, key, code_digest=None):
-        """The ETag and path of the newest copy of key here, or None.
+        """The ETag, path and result id of the newest copy of key here, or
+        None.
 
         With ``code_digest``, only a copy of a result of that code is found.
         """
@@ -2015,11 +2046,11 @@ class _LocalCopies:
                 continue
             status = _stat_quietly(entry) if named else None
             if status is not None and stat.S_ISREG(status.st_mode):
-                copies.append((status.st_mtime, named.group(1), entry.path))
+                copies.append((status.st_mtime, entry.path, named.group(1), named.group(3)))
         if not copies:
             return None
-        _, etag, path = max(copies)
-        return f'"{etag}"', path
+        _, path, etag, result_id = max(copies)
+        return f'"{etag}"', path, result_id
 
     @contextlib.contextmanager
     def held(self, path):
@@ -2165,11 +2196,15 @@ class _NewCopy:
             with contextlib.suppress(OSError):
                 os.close(self._fd)
 
-    def publish(self, etag, code_digest=None):
+    def publish(self, etag, code_digest=None, result_id=None):
         """Name the copy after its version; raises OSError if it cannot."""
         self.file.close()
-        # A digest not of our making is left out: the copy's name must match.
-        code = f".{code_digest}" if _is_code_digest(code_digest) else ""
+        # Values not of our making are left out: the copy's name must match.
+        code = ""
+        if _is_hex32(code_digest):
+            code = f".{code_digest}"
+            if _is_hex32(result_id):
+                code += f".{result_id}"
         name = f"{_etag_name(etag)}{code}.{uuid.uuid4().hex}.pkl"
         path = os.path.join(self._folder, name)
         os.replace(self._partial, path)
@@ -2353,7 +2388,8 @@ del _name
 
 
 def _metadata_of(data):
-    """The metadata in a metadata.json, or {} where it is not a JSON object.
+    """The metadata in a metadata.json ({} where it is not a JSON object),
+    as joblib wrote it, and the result id written beside it (or None).
 
     An ``input_args`` that is not an object is left out: joblib before 1.4
     reads it with ``.items()`` to print a load's message.
@@ -2361,12 +2397,12 @@ def _metadata_of(data):
     try:
         metadata = json.loads(data.decode("utf-8"))
     except ValueError:
-        return {}
+        return {}, None
     if not isinstance(metadata, dict):
-        return {}
+        return {}, None
     if not isinstance(metadata.get("input_args", {}), dict):
         del metadata["input_args"]
-    return metadata
+    return metadata, metadata.pop(_RESULT_ID_FIELD, None)
 
 
 def _is_a_time(value):
@@ -2444,7 +2480,8 @@ class _ResultLoads:
         The result's GET (or HEAD) and, for a validation callback, the
         metadata's GET go out together. A result of code other than the one
         ``code_digest`` names is a miss, and so is an entry whose metadata
-        cannot be read when a callback needs it.
+        cannot be read when a callback needs it, or that stands beside
+        another result than the one it describes (see _RESULT_ID).
         """
         client = self._client
         if loads:
@@ -2458,15 +2495,17 @@ class _ResultLoads:
         if validates:
             requests.append(client.read(posixpath.join(posixpath.dirname(key), METADATA)))
         answers = await asyncio.gather(*requests, return_exceptions=True)
-        found, error = {}, None
+        found, error, result_id = {}, None, None
         answer = answers[0]
         if isinstance(answer, _OpenedObject):
             found["opened"] = answer
             found["last_modified"] = answer.response.get("LastModified")
+            result_id = _result_id_of(answer.response)
         elif isinstance(answer, dict):
             found["last_modified"] = answer.get("LastModified")
+            result_id = _result_id_of(answer)
         elif _is_not_modified(answer):
-            found["copy_path"] = copy[1]
+            _, found["copy_path"], result_id = copy
             found["last_modified"] = _last_modified_of(answer)
         elif isinstance(answer, FileNotFoundError) or _is_missing(answer):
             found = None
@@ -2486,9 +2525,11 @@ class _ResultLoads:
             elif isinstance(metadata, BaseException):
                 error = metadata
             else:
-                found["metadata"] = _metadata_of(metadata)
+                found["metadata"], described = _metadata_of(metadata)
                 if not _is_a_time(found["metadata"].get("time")):
                     found = None  # not what joblib writes: a miss, as above
+                elif described != result_id:
+                    found = None  # of another result: a miss, as above
         if (found is None or error is not None) and isinstance(answer, _OpenedObject):
             answer.close()
         if error is not None:
@@ -2552,7 +2593,9 @@ class _ResultLoads:
                     f"{self._client.url(key)}: {written} of {opened.size} bytes came"
                 )
             try:
-                path = new_copy.publish(opened.etag, _code_digest_of(opened.response))
+                path = new_copy.publish(
+                    opened.etag, _code_digest_of(opened.response), _result_id_of(opened.response)
+                )
             except OSError as error:
                 raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
             return self.load_copy(path), opened
@@ -2985,7 +3028,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
         def fetch():
             try:
-                return _metadata_of(client.run(client.read(key)))
+                return _metadata_of(client.run(client.read(key)))[0]
             except Exception:
                 return {}
 
@@ -3078,11 +3121,13 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             print(f"Persisting in {self._client.url(posixpath.dirname(key))}")
         started = time.perf_counter()
         new_copy = self._new_copy(key) if reloaded is not None else None
-        code_digest = call.code_digest(func_id) if call is not None else None
+        code_digest = result_id = None
+        if call is not None:
+            code_digest, result_id = call.code_digest(func_id), uuid.uuid4().hex
         writer = _MultipartWriter(
             self._client, key, self.options.part_size, self.options.max_concurrency,
             copy_to=new_copy.file if new_copy is not None else None,
-            metadata=self._metadata_with(code_digest),
+            metadata=self._metadata_with(code_digest, result_id),
         )
         try:
             _dump(item, writer, self.compress)
@@ -3112,9 +3157,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             new_copy = None
         publishing = _Publishing(
             url, anchors, store=self, future=committed, new_copy=new_copy,
-            code_digest=code_digest, item=reloaded, started=started, size=writer.tell(),
+            code_digest=code_digest, result_id=result_id, item=reloaded,
+            started=started, size=writer.tell(),
         )
         _PROCESS.track(publishing.future)
+        if anchors:
+            _PROCESS.handover.put("written", _Written(url, anchors, result_id=result_id))
         if not anchors or writer.tell() > _SMALL_RESULT:
             self._finish_publishing(publishing)
         else:
@@ -3123,13 +3171,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             # would warn of a slow store_metadata.
             _PROCESS.handover.put("publishing", publishing)
 
-    def _metadata_with(self, code_digest):
+    def _metadata_with(self, code_digest, result_id):
         """The user metadata of a result: the user's own (s3fs's
-        s3_additional_kwargs), and the digest of its code."""
-        if code_digest is None:
+        s3_additional_kwargs), the digest of its code and its result id,
+        where known."""
+        ours = {_CODE_DIGEST: code_digest, _RESULT_ID: result_id}
+        ours = {name: value for name, value in ours.items() if value is not None}
+        if not ours:
             return None
         own = self.fs.s3_additional_kwargs.get("Metadata") or {}
-        return {**own, _CODE_DIGEST: code_digest}
+        return {**own, **ours}
 
     def _leave_unstored(self, url, anchors):
         """Note that the result of this joblib call was not stored."""
@@ -3180,7 +3231,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             try:
                 if response is None:
                     raise OSError("the upload failed")
-                new_copy.publish(response["ETag"], publishing.code_digest)
+                new_copy.publish(response["ETag"], publishing.code_digest, publishing.result_id)
             except OSError as error:
                 if response is not None:
                     self._parts.loads.warn_local(error)
@@ -3211,15 +3262,18 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         return posixpath.dirname(posixpath.dirname(key))[len(self.prefix) + 1:]
 
     def store_metadata(self, call_id, metadata):
-        call = self._begin("publishing", "stored", "unstored")
+        call = self._begin("publishing", "written", "stored", "unstored")
         url = self._client.url(self._key_of_call(call_id, OUTPUT))
         publishing = _PROCESS.handover.take("publishing", url, call)
+        written = _PROCESS.handover.take("written", url, call)
         function = self._function(call_id[0])
         if function.off or _PROCESS.handover.take("unstored", url, call):
             # No metadata for a result that is not stored.
             if publishing is not None:
                 self._finish_publishing(publishing)
             return
+        if written is not None:
+            metadata = {**metadata, _RESULT_ID_FIELD: written.result_id}
         # Beside the result's upload.
         metadata_write = self._client.submit(
             "put_object", Key=self._key_of_call(call_id, METADATA),

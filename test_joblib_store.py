@@ -1349,8 +1349,11 @@ def test_a_first_miss_uploads_its_result_beside_its_code(location, s3_server, s3
     assert len(later) == 2
     # Neither waits for the code: the result carries the digest of its code.
     assert all(request.started < code.ended for request in later)
-    stored = s3_client.head_object(Bucket=bucket, Key=stored_key(s3_client, bucket))
-    assert stored["Metadata"] == {"code-digest": joblib_store._code_digest(cached.func_code_info[0])}
+    key = stored_key(s3_client, bucket)
+    stored = s3_client.head_object(Bucket=bucket, Key=key)
+    assert stored["Metadata"] == {
+        "code-digest": joblib_store._code_digest(cached.func_code_info[0]),
+        "result-id": result_id_in_metadata(s3_client, bucket, key)}
 
 
 def test_a_result_shelved_by_one_function_is_got_inside_another(location):
@@ -1369,9 +1372,11 @@ def test_a_results_user_metadata_is_kept_beside_its_code_digest(bucket, s3_clien
         "s3_additional_kwargs": {"Metadata": {"team": "vision"}}})
     cached = memory.cache(fresh(square))
     cached(2)
-    stored = s3_client.head_object(Bucket=bucket, Key=stored_key(s3_client, bucket))
+    key = stored_key(s3_client, bucket)
+    stored = s3_client.head_object(Bucket=bucket, Key=key)
     assert stored["Metadata"] == {
-        "team": "vision", "code-digest": joblib_store._code_digest(cached.func_code_info[0])}
+        "team": "vision", "code-digest": joblib_store._code_digest(cached.func_code_info[0]),
+        "result-id": result_id_in_metadata(s3_client, bucket, key)}
     assert cached(2) == 4 and CALLS == [2]
 
 
@@ -1985,11 +1990,80 @@ def test_a_refresh_whose_upload_fails_does_not_date_the_older_result_as_new(
     messages = cache_warnings(caught)
     assert any("could not store a result" in message for message in messages), messages
     s3_server.faults.clear()
-    if delete == "fails":  # nothing else can be done: it is said
+    if delete == "fails":  # it is said, and the pair's ids tell them apart
         assert any("could not take back the metadata" in message for message in messages)
-        return
     time.sleep(1.0)  # the first result is 2.5 s old
     assert cached(1) == 3
+
+
+def rewrite_metadata(s3_client, bucket, change):
+    """Rewrite the one metadata.json in the bucket as change(its JSON)."""
+    key = stored_key(s3_client, bucket, "metadata.json")
+    written = json.loads(s3_client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    s3_client.put_object(Bucket=bucket, Key=key, Body=json.dumps(change(written)).encode())
+
+
+def without_result_id(metadata):
+    return {name: value for name, value in metadata.items()
+            if name != "joblib_store_result_id"}
+
+
+@needs_joblib_13
+@pytest.mark.parametrize("local_copies", [False, True], ids=["s3", "local copy"])
+@pytest.mark.parametrize("written", ["another id", "no id"])
+def test_metadata_beside_another_result_is_a_miss(
+        location, s3_client, bucket, tmp_path, written, local_copies):
+    # A metadata.json that landed without its result (its result's PUT
+    # failed, or a writer stopped between them) must not date the result
+    # it stands beside; through a local copy S3 answers 304, with no user
+    # metadata: the copy's name carries the id.
+    from joblib.memory import expires_after
+
+    options = {"local_cache_dir": str(tmp_path)} if local_copies else {}
+    cached = Memory(location, verbose=0, mmap_mode="r" if local_copies else None,
+                    backend_options=options).cache(
+        fresh(square), cache_validation_callback=expires_after(minutes=5))
+    cached(2)
+    assert cached(2) == 4 and CALLS == [2]  # the pair written together is a hit
+    if written == "another id":
+        rewrite_metadata(s3_client, bucket, lambda metadata: {
+            **metadata, "joblib_store_result_id": uuid.uuid4().hex})
+    else:
+        rewrite_metadata(s3_client, bucket, without_result_id)
+    with no_warnings():
+        assert cached.check_call_in_cache(2) is not CHECK_VALIDATES
+        assert cached(2) == 4
+    assert CALLS == [2, 2]
+    assert cached(2) == 4 and CALLS == [2, 2]  # rewritten as a pair
+
+
+@needs_joblib_13
+def test_a_validation_callback_sees_the_metadata_joblib_wrote(location):
+    seen = []
+    cached = Memory(location, verbose=0).cache(
+        fresh(square), cache_validation_callback=lambda metadata: seen.append(dict(metadata)) or True)
+    cached(2)
+    assert cached(2) == 4 and CALLS == [2]
+    assert seen and all(set(metadata) == {"duration", "input_args", "time"} for metadata in seen)
+
+
+@needs_joblib_13
+def test_a_pair_written_without_result_ids_is_taken_as_it_is(location, s3_client, bucket):
+    # Entries written before results carried an id stay hits.
+    from joblib.memory import expires_after
+
+    cached = Memory(location, verbose=0).cache(
+        fresh(square), cache_validation_callback=expires_after(minutes=5))
+    cached(2)
+    key = stored_key(s3_client, bucket)
+    user_metadata = s3_client.head_object(Bucket=bucket, Key=key)["Metadata"]
+    del user_metadata["result-id"]
+    s3_client.copy_object(Bucket=bucket, Key=key, CopySource={"Bucket": bucket, "Key": key},
+                          Metadata=user_metadata, MetadataDirective="REPLACE")
+    rewrite_metadata(s3_client, bucket, without_result_id)
+    with no_warnings():
+        assert cached(2) == 4
+    assert CALLS == [2]
 
 
 @needs_joblib_13
@@ -2891,6 +2965,15 @@ def stored_key(s3_client, bucket, name="output.pkl"):
     return key
 
 
+def result_id_in_metadata(s3_client, bucket, output_key):
+    """The result id in the metadata.json beside output_key (a 32-digit hex)."""
+    metadata_key = output_key.rsplit("/", 1)[0] + "/metadata.json"
+    body = s3_client.get_object(Bucket=bucket, Key=metadata_key)["Body"].read()
+    result_id = json.loads(body)["joblib_store_result_id"]
+    assert re.fullmatch("[0-9a-f]{32}", result_id)
+    return result_id
+
+
 def test_a_hit_just_before_reduce_size_counts(location, s3_server):
     memory = Memory(location, verbose=0, backend_options={"access_interval": 0})
     cached = store_spaced_items(memory, 3)
@@ -2945,8 +3028,8 @@ def test_a_copy_removed_before_joblibs_reload_after_a_miss_returns_the_result(
         location, tmp_path, monkeypatch):
     publish = joblib_store._NewCopy.publish
 
-    def published_then_removed(self, etag, code_digest=None):
-        path = publish(self, etag, code_digest)
+    def published_then_removed(self, *args):
+        path = publish(self, *args)
         os.unlink(path)
         return path
 
