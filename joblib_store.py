@@ -688,7 +688,7 @@ def _let_go_of_lookup(task):
 
 @dataclasses.dataclass
 class _Publishing(_Handed):
-    """A small result's upload, ended beside the metadata's PUT."""
+    """The last request of a result's upload, ended beside the metadata's PUT."""
 
     store: object = None
     future: object = None  # the upload's last request
@@ -1731,6 +1731,7 @@ class _MultipartWriter(io.RawIOBase):
         self._created = None  # future of CreateMultipartUpload's response
         self._parts = []  # futures of each part's number and ETag, in order
         self._in_flight = collections.deque()
+        self._waited = False  # whether a part waited for a free slot
         self._state = "open"
         _PROCESS.ensure_exit_hook()
         _PROCESS.writers.add(self)
@@ -1805,12 +1806,24 @@ class _MultipartWriter(io.RawIOBase):
         # The last part (often the pickle's few closing bytes) does not wait
         # for a free slot: the upload would wait for one part's time for it.
         while len(self._in_flight) >= self._max_concurrency and not last:
-            self._in_flight.popleft().result()
+            oldest = self._in_flight.popleft()
+            self._waited = self._waited or not oldest.done()
+            oldest.result()
         future = self._client.start(_upload_part(
             self._client, self._key, self._created, len(self._parts) + 1, views
         ))
         self._parts.append(future)
         self._in_flight.append(future)
+
+    @property
+    def in_one_wave(self):
+        """Whether the parts all went out at once, none waiting for a slot."""
+        return bool(self._parts) and not self._waited
+
+    def parts_uploaded(self):
+        """Wait for the parts to end; whether they were all uploaded."""
+        concurrent.futures.wait(self._parts)
+        return not any(part.cancelled() or part.exception() for part in self._parts)
 
     def commit(self):
         """Make the object visible; return a future of the response."""
@@ -2306,6 +2319,7 @@ class _AccessRecords:
 
 _BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
 _SMALL_RESULT = 1 * _MiB  # uploads this small take a round trip, not bandwidth
+_COMPLETE_BESIDE_METADATA = 80 * _MiB  # the largest upload completed in store_metadata
 _LOAD_ATTEMPTS = 3  # loads of a result that writers keep replacing meanwhile
 
 # The failure policy. Every failure of S3 that a store meets goes to
@@ -3163,13 +3177,22 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         _PROCESS.track(publishing.future)
         if anchors:
             _PROCESS.handover.put("written", _Written(url, anchors, result_id=result_id))
-        if not anchors or writer.tell() > _SMALL_RESULT:
-            self._finish_publishing(publishing)
-        else:
-            # A small result's PUT goes out beside the metadata's, which
-            # store_metadata sends next; a large one ends here, as joblib
-            # would warn of a slow store_metadata.
+        # What is left of the upload goes out beside the metadata's PUT,
+        # which store_metadata sends next, when it is one short request: a
+        # small result's PUT, or the Complete of parts that all went out at
+        # once and were all uploaded (waited for here, so that a failed part
+        # is reported before any metadata is sent). The result id keeps a
+        # metadata.json that lands without its result from dating another.
+        # Else the upload ends here, as joblib warns of a store_metadata
+        # that takes more than 0.5 s, which the Complete of a large upload
+        # may (moto's takes 0.25 s for 64 MiB).
+        if anchors and writer.tell() <= _SMALL_RESULT:
             _PROCESS.handover.put("publishing", publishing)
+        elif (anchors and writer.in_one_wave and writer.tell() <= _COMPLETE_BESIDE_METADATA
+              and writer.parts_uploaded()):
+            _PROCESS.handover.put("publishing", publishing)
+        else:
+            self._finish_publishing(publishing)
 
     def _metadata_with(self, code_digest, result_id):
         """The user metadata of a result: the user's own (s3fs's
