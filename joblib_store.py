@@ -727,12 +727,38 @@ class _Written(_Handed):
     result_id: str = None
 
 
+_RESULT_IDS_KEPT = 8  # ids of results whose metadata is still to be written
+
+
 class _Handover(threading.local):
     """This thread's slots of handed-over work: ``looked_up``, ``found``,
-    ``publishing``, ``written``, ``stored`` and ``unstored``. What a later
-    backend call does not take is let go."""
+    ``publishing``, ``stored`` and ``unstored``. What a later backend call
+    does not take is let go.
 
-    looked_up = found = publishing = written = stored = unstored = None
+    The result ids of results being stored (``written``, by URL) are kept
+    apart, a few of them, and never let go: joblib may make other cached
+    calls between a store and its metadata (in an argument's repr), and a
+    lost id would leave a result that a validation callback never accepts.
+    """
+
+    looked_up = found = publishing = stored = unstored = None
+
+    def __init__(self):
+        self.written = collections.OrderedDict()
+
+    def put_written(self, written):
+        self.written.pop(written.url, None)
+        self.written[written.url] = written
+        while len(self.written) > _RESULT_IDS_KEPT:
+            self.written.popitem(last=False)
+
+    def take_written(self, url, call):
+        """The result id the same joblib call left for url, or None."""
+        written = self.written.get(url)
+        if written is None or not written.serves(url, call):
+            return None
+        del self.written[url]
+        return written.result_id
 
     def put(self, slot, handed):
         self._let_go(slot)
@@ -750,7 +776,7 @@ class _Handover(threading.local):
         return None
 
     def let_go_all_but(self, *slots):
-        for slot in ("publishing", "looked_up", "found", "written", "stored", "unstored"):
+        for slot in ("publishing", "looked_up", "found", "stored", "unstored"):
             if slot not in slots:
                 self._let_go(slot)
 
@@ -2477,8 +2503,8 @@ class _ResultLoads:
                 found = None
 
     def current_copy(self, key, code_digest):
-        """The ETag and path of a local copy of key (of a result of the code
-        code_digest names, if it names one), if local copies work."""
+        """The ETag, path and result id of a local copy of key (of a result
+        of the code code_digest names, if it names one), if copies work."""
         copies = self._copies
         if copies is None:
             return None
@@ -2543,6 +2569,10 @@ class _ResultLoads:
                 if not _is_a_time(found["metadata"].get("time")):
                     found = None  # not what joblib writes: a miss, as above
                 elif described != result_id:
+                    if "copy_path" in found:
+                        # An ETag names bytes, not a write: the same bytes
+                        # stored again keep it under a new id. Ask S3.
+                        return await self.look_up(key, loads, validates, None, code_digest)
                     found = None  # of another result: a miss, as above
         if (found is None or error is not None) and isinstance(answer, _OpenedObject):
             answer.close()
@@ -3176,7 +3206,7 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         )
         _PROCESS.track(publishing.future)
         if anchors:
-            _PROCESS.handover.put("written", _Written(url, anchors, result_id=result_id))
+            _PROCESS.handover.put_written(_Written(url, anchors, result_id=result_id))
         # What is left of the upload goes out beside the metadata's PUT,
         # which store_metadata sends next, when it is one short request: a
         # small result's PUT, or the Complete of parts that all went out at
@@ -3285,18 +3315,18 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         return posixpath.dirname(posixpath.dirname(key))[len(self.prefix) + 1:]
 
     def store_metadata(self, call_id, metadata):
-        call = self._begin("publishing", "written", "stored", "unstored")
+        call = self._begin("publishing", "stored", "unstored")
         url = self._client.url(self._key_of_call(call_id, OUTPUT))
         publishing = _PROCESS.handover.take("publishing", url, call)
-        written = _PROCESS.handover.take("written", url, call)
+        result_id = _PROCESS.handover.take_written(url, call)
         function = self._function(call_id[0])
         if function.off or _PROCESS.handover.take("unstored", url, call):
             # No metadata for a result that is not stored.
             if publishing is not None:
                 self._finish_publishing(publishing)
             return
-        if written is not None:
-            metadata = {**metadata, _RESULT_ID_FIELD: written.result_id}
+        if result_id is not None:
+            metadata = {**metadata, _RESULT_ID_FIELD: result_id}
         # Beside the result's upload.
         metadata_write = self._client.submit(
             "put_object", Key=self._key_of_call(call_id, METADATA),

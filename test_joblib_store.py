@@ -2103,6 +2103,67 @@ def test_metadata_beside_another_result_is_a_miss(
 
 
 @needs_joblib_13
+@pytest.mark.parametrize("rewriter", ["another process", "this process"])
+def test_a_local_copy_of_bytes_stored_again_under_a_new_id_stays_a_hit(
+        location, s3_server, tmp_path, rewriter):
+    # The same bytes stored again keep their ETag, so S3 confirms the local
+    # copy current (304), while the copy's name carries the older id: S3 is
+    # asked again, and the copy is written anew under the id stored.
+    from joblib.memory import expires_after
+
+    here = Memory(location, verbose=0, backend_options={"local_cache_dir": str(tmp_path)}).cache(
+        fresh(square), cache_validation_callback=expires_after(minutes=5))
+    elsewhere = Memory(location, verbose=0).cache(
+        fresh(square), cache_validation_callback=expires_after(minutes=5))
+    here(2)
+    assert here(2) == 4 and len(local_copies(tmp_path)) == 1
+    (elsewhere if rewriter == "another process" else here).call(2)
+    assert CALLS == [2, 2]
+    with no_warnings():
+        assert here(2) == 4
+        with s3_server.counting() as hit:
+            assert here(2) == 4
+    assert CALLS == [2, 2]
+    assert hit == Counter({"GetObject": 2}), hit  # the 304 and the metadata
+
+
+class ReprCallsACachedFunction:
+    """An argument whose repr, which joblib writes into metadata.json
+    between storing the result and its metadata, makes a cached call."""
+
+    inner = None
+
+    def __init__(self, value):
+        self.value = value
+
+    def __repr__(self):
+        self.inner(self.value + 100)
+        return f"ReprCallsACachedFunction({self.value})"
+
+    def __reduce__(self):
+        return ReprCallsACachedFunction, (self.value,)
+
+
+def value_of(argument):
+    CALLS.append(argument.value)
+    return argument.value
+
+
+@needs_joblib_13
+def test_a_cached_call_between_a_store_and_its_metadata_keeps_the_result_id(
+        location, monkeypatch):
+    from joblib.memory import expires_after
+
+    memory = Memory(location, verbose=0)
+    monkeypatch.setattr(ReprCallsACachedFunction, "inner", memory.cache(fresh(square)))
+    cached = memory.cache(fresh(value_of), cache_validation_callback=expires_after(minutes=5))
+    with no_warnings():
+        for _ in range(3):
+            assert cached(ReprCallsACachedFunction(3)) == 3
+    assert CALLS == [3, 103], CALLS  # each function computed once
+
+
+@needs_joblib_13
 def test_a_validation_callback_sees_the_metadata_joblib_wrote(location):
     seen = []
     cached = Memory(location, verbose=0).cache(
