@@ -292,9 +292,12 @@ def _code_digest_of(response):
 # lands late, a writer stopped between them, two writers of one call), so a
 # metadata.json may stand beside a result it does not describe; its time
 # would then date that result, and a validation callback (expires_after)
-# would serve an old result as new. A lookup for a callback reads both and
-# takes a pair whose ids differ for a miss. A pair with no id on either
-# (written by an older version of this module) is taken as it is.
+# would serve an old result as new. A lookup for a callback reads both; a
+# pair whose ids differ is dated by the older of the metadata's time and the
+# result's Last-Modified, so a result never looks younger than it is (and
+# writers of one call that overlap do not make each other miss). A pair
+# with no id on either (from an older version of this module) is taken as
+# it is.
 _RESULT_ID = "result-id"  # the S3 user metadata of output.pkl
 _RESULT_ID_FIELD = "joblib_store_result_id"  # the key in metadata.json
 
@@ -2445,6 +2448,20 @@ def _metadata_of(data):
     return metadata, metadata.pop(_RESULT_ID_FIELD, None)
 
 
+def _dated_by_the_older(found):
+    """A lookup's answer whose metadata describes another write than the
+    result's: its time becomes the older of its own and the result's
+    Last-Modified (S3's clock). None (a miss) if the result's is unknown."""
+    written = found.get("last_modified")
+    if not isinstance(written, datetime.datetime):
+        return None
+    if written.tzinfo is None:
+        written = written.replace(tzinfo=datetime.timezone.utc)
+    metadata = found["metadata"]
+    metadata["time"] = min(metadata["time"], written.timestamp())
+    return found
+
+
 def _is_a_time(value):
     """Whether value is a time as joblib writes it: a finite number."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
@@ -2520,8 +2537,9 @@ class _ResultLoads:
         The result's GET (or HEAD) and, for a validation callback, the
         metadata's GET go out together. A result of code other than the one
         ``code_digest`` names is a miss, and so is an entry whose metadata
-        cannot be read when a callback needs it, or that stands beside
-        another result than the one it describes (see _RESULT_ID).
+        cannot be read when a callback needs it. Metadata that stands
+        beside another result than the one it describes dates it by the
+        older of the two (see _RESULT_ID).
         """
         client = self._client
         if loads:
@@ -2570,10 +2588,12 @@ class _ResultLoads:
                     found = None  # not what joblib writes: a miss, as above
                 elif described != result_id:
                     if "copy_path" in found:
-                        # An ETag names bytes, not a write: the same bytes
-                        # stored again keep it under a new id. Ask S3.
+                        # The same bytes stored again keep their ETag under
+                        # a new id, and a 304 may carry no Last-Modified:
+                        # ask S3 for the result itself (the load then
+                        # writes the copy anew, under the id stored).
                         return await self.look_up(key, loads, validates, None, code_digest)
-                    found = None  # of another result: a miss, as above
+                    found = _dated_by_the_older(found)
         if (found is None or error is not None) and isinstance(answer, _OpenedObject):
             answer.close()
         if error is not None:

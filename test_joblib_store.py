@@ -2075,31 +2075,57 @@ def without_result_id(metadata):
 
 @needs_joblib_13
 @pytest.mark.parametrize("local_copies", [False, True], ids=["s3", "local copy"])
-@pytest.mark.parametrize("written", ["another id", "no id"])
-def test_metadata_beside_another_result_is_a_miss(
+@pytest.mark.parametrize("written", ["its own id", "another id", "no id"])
+def test_metadata_beside_another_result_dates_it_by_the_older_time(
         location, s3_client, bucket, tmp_path, written, local_copies):
     # A metadata.json that landed without its result (its result's PUT
-    # failed, or a writer stopped between them) must not date the result
-    # it stands beside; through a local copy S3 answers 304, with no user
-    # metadata: the copy's name carries the id.
+    # failed, or a writer stopped between them) must not make the result it
+    # stands beside look younger than it is; through a local copy S3 answers
+    # 304, with no user metadata: the copy's name carries the id.
     from joblib.memory import expires_after
 
     options = {"local_cache_dir": str(tmp_path)} if local_copies else {}
     cached = Memory(location, verbose=0, mmap_mode="r" if local_copies else None,
                     backend_options=options).cache(
-        fresh(square), cache_validation_callback=expires_after(minutes=5))
+        fresh(square), cache_validation_callback=expires_after(seconds=2))
     cached(2)
-    assert cached(2) == 4 and CALLS == [2]  # the pair written together is a hit
-    if written == "another id":
+    assert cached(2) == 4 and CALLS == [2]
+    time.sleep(2.2)  # the result is older than the callback accepts
+    now = time.time()
+    if written == "its own id":
+        rewrite_metadata(s3_client, bucket, lambda metadata: {**metadata, "time": now})
+    elif written == "another id":
         rewrite_metadata(s3_client, bucket, lambda metadata: {
-            **metadata, "joblib_store_result_id": uuid.uuid4().hex})
+            **metadata, "time": now, "joblib_store_result_id": uuid.uuid4().hex})
     else:
-        rewrite_metadata(s3_client, bucket, without_result_id)
+        rewrite_metadata(s3_client, bucket, lambda metadata: {
+            **without_result_id(metadata), "time": now})
     with no_warnings():
-        assert cached.check_call_in_cache(2) is not CHECK_VALIDATES
         assert cached(2) == 4
-    assert CALLS == [2, 2]
-    assert cached(2) == 4 and CALLS == [2, 2]  # rewritten as a pair
+    assert CALLS == ([2] if written == "its own id" else [2, 2])
+
+
+@needs_joblib_13
+def test_metadata_of_another_write_older_than_the_result_keeps_it_a_hit(
+        location, s3_client, bucket):
+    # Writers of one call that overlap leave, for a moment, a result beside
+    # the metadata of the write before it: dated by that older metadata, it
+    # stays a hit while that time is young enough.
+    seen = []
+
+    def younger_than_a_minute(metadata):
+        seen.append(metadata["time"])
+        return time.time() - metadata["time"] < 60
+
+    cached = Memory(location, verbose=0).cache(
+        fresh(square), cache_validation_callback=younger_than_a_minute)
+    cached(2)
+    earlier = time.time() - 30
+    rewrite_metadata(s3_client, bucket, lambda metadata: {
+        **metadata, "time": earlier, "joblib_store_result_id": uuid.uuid4().hex})
+    with no_warnings():
+        assert cached(2) == 4
+    assert CALLS == [2] and seen[-1] == earlier
 
 
 @needs_joblib_13
@@ -2107,7 +2133,7 @@ def test_metadata_beside_another_result_is_a_miss(
 def test_a_local_copy_of_bytes_stored_again_under_a_new_id_stays_a_hit(
         location, s3_server, tmp_path, rewriter):
     # The same bytes stored again keep their ETag, so S3 confirms the local
-    # copy current (304), while the copy's name carries the older id: S3 is
+    # copy current (304) while the copy's name carries the older id: S3 is
     # asked again, and the copy is written anew under the id stored.
     from joblib.memory import expires_after
 
