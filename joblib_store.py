@@ -306,6 +306,7 @@ def _result_id_of(response):
     """The result id in a GET's or HEAD's response, or None."""
     return (response.get("Metadata") or {}).get(_RESULT_ID)
 
+
 # --------------------------------------------------------------------------
 # 3. Options. Everything configure receives is validated here, once, into a
 # _StoreOptions; an error says what to fix. Nothing here touches the network.
@@ -3232,14 +3233,16 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         # small result's PUT, or the Complete of parts that all went out at
         # once and were all uploaded (waited for here, so that a failed part
         # is reported before any metadata is sent). The result id keeps a
-        # metadata.json that lands without its result from dating another.
+        # metadata.json that lands without its result from making an older
+        # result look new.
         # Else the upload ends here, as joblib warns of a store_metadata
         # that takes more than 0.5 s, which the Complete of a large upload
         # may (moto's takes 0.25 s for 64 MiB).
-        if anchors and writer.tell() <= _SMALL_RESULT:
-            _PROCESS.handover.put("publishing", publishing)
-        elif (anchors and writer.in_one_wave and writer.tell() <= _COMPLETE_BESIDE_METADATA
-              and writer.parts_uploaded()):
+        ends_beside = bool(anchors) and (writer.tell() <= _SMALL_RESULT or (
+            writer.in_one_wave and writer.tell() <= _COMPLETE_BESIDE_METADATA
+            and writer.parts_uploaded()
+        ))
+        if ends_beside:
             _PROCESS.handover.put("publishing", publishing)
         else:
             self._finish_publishing(publishing)
