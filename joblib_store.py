@@ -742,7 +742,8 @@ class _Handover(threading.local):
     The result ids of results being stored (``written``, by URL) are kept
     apart, a few of them, and never let go: joblib may make other cached
     calls between a store and its metadata (in an argument's repr), and a
-    lost id would leave a result that a validation callback never accepts.
+    lost id would leave a pair that a validation callback dates by the
+    older of its two times instead of joblib's own.
     """
 
     looked_up = found = publishing = stored = unstored = None
