@@ -5,7 +5,8 @@ bench_joblib_store.py, counting requests), behind shaped_link.py's relay:
 by default a 20 ms round trip, 16 MB/s per connection and 128 MB/s in all,
 a scale model of S3 seen from a host in its region. Every figure is the
 median of fresh processes (3 by default), each a client on the far side of
-the relay:
+the relay; in each run the implementations take turns, in another order
+from run to run:
 
 * the calls joblib users make on a tiny result (warm hit, hit in a fresh
   process, miss of a function already seen, first miss of a new function),
@@ -201,17 +202,18 @@ def report_transfers(endpoint, bucket, runs, sizes, total_mbps, label):
         size = SIZES[size_name]
         for compress in (0, 3):
             for phase in ("store", "load"):
-                times = {
-                    implementation: [
-                        run_fresh("--transfer", {
+                # The implementations take turns, each run in another order,
+                # so that drift (moto's memory, the machine's other load)
+                # and the place in the order weigh on all of them alike.
+                times = {implementation: [] for implementation in IMPLEMENTATIONS}
+                for run in range(runs):
+                    turn = run % len(IMPLEMENTATIONS)
+                    for implementation in IMPLEMENTATIONS[turn:] + IMPLEMENTATIONS[:turn]:
+                        times[implementation].append(run_fresh("--transfer", {
                             "endpoint": endpoint, "bucket": bucket, "size": size,
                             "compress": compress, "phase": phase,
                             "implementation": implementation, "run": run,
-                        })["seconds"]
-                        for run in range(runs)
-                    ]
-                    for implementation in IMPLEMENTATIONS
-                }
+                        })["seconds"])
                 anchor = statistics.median(times["boto3"])
                 limit = size / (total_mbps * 1e6)
                 for implementation in IMPLEMENTATIONS:
