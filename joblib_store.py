@@ -1288,9 +1288,11 @@ class _BucketClient:
                     "get_object", Key=key, Range=f"bytes={first}-{last}", IfMatch=etag
                 )
             except Exception as error:
-                if _is_missing(error):
-                    raise FileNotFoundError(f"{self.url(key)} does not exist") from None
-                if _error_code(error)[1] == 412:
+                # A 404 says the version being read is gone, not that the
+                # result is: it may have been stored again meanwhile (and
+                # moto answers 404 while it replaces an object). The load
+                # starts again, and its first GET says whether it is there.
+                if _is_missing(error) or _error_code(error)[1] == 412:
                     raise _VersionChanged(self.url(key)) from None
                 raise
             if response["ETag"] != etag:  # a server that ignores If-Match

@@ -1660,6 +1660,32 @@ def test_a_result_rewritten_during_its_load_is_loaded_again(
     assert CALLS == [1, 1]  # loaded again, never recomputed
 
 
+@pytest.mark.parametrize("how", ["call", "get"])
+def test_a_range_answered_404_loads_the_result_again(location, s3_server, how):
+    # A range's 404 means the version being read is gone (deleted, maybe
+    # stored again; moto answers 404 while it replaces an object): the load
+    # starts again rather than take the result for missing.
+    cached = Memory(location, verbose=0).cache(fresh(identity))
+    value = np.random.RandomState(0).rand(16 * MiB // 8)
+    cached(value)
+    gets = []
+
+    def a_range_not_found(operation, path, query):
+        # The first GET of the hit is its lookup; the second is a range.
+        if operation == "GetObject" and path.endswith("output.pkl"):
+            gets.append(path)
+            if len(gets) == 2:
+                return (404, "NoSuchKey")
+        return None
+
+    s3_server.faults.append(a_range_not_found)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", joblib_store.CacheWarning)
+        result = cached(value) if how == "call" else cached.call_and_shelve(value).get()
+    np.testing.assert_array_equal(result, value)
+    assert len(gets) >= 3 and CALLS == [1]  # loaded again, never recomputed
+
+
 @pytest.mark.parametrize("answer", ["cut", (503, "SlowDown"), "reset"],
                          ids=["body cut off", "503", "reset"])
 def test_a_range_that_fails_is_read_again(location, s3_server, answer):
