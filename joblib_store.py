@@ -25,25 +25,50 @@ process that reads it. Use a bucket that only your jobs can write.
 
 The module reads top to bottom, in these parts:
 
-1. What the installed joblib offers (search "Breakpoint"), and which of
-   joblib's calls a backend call serves.
-2. The layout of a cache in a bucket.
+1. What the installed joblib offers (search "Breakpoint"), and which of its
+   public methods the store scopes its calls by.
+2. The layout of a cache in a bucket, code digests and result ids.
 3. Options: what ``configure`` receives, validated into one immutable
    ``_StoreOptions``.
 4. Per-process state: checked buckets, outages, functions whose cache is
-   off, and what one backend call hands to the next of the same joblib
-   call; a forked child starts afresh.
-5. The bucket client: every request, the translation of errors into the
-   exceptions users see, outages and warnings. Nothing joblib-specific.
+   off; a forked child starts afresh.
+5. The bucket client: every request, its log line, the translation of
+   errors into the exceptions users see, outages and warnings. Nothing
+   joblib-specific.
 6. Transfers: the ranged reader, the multipart writer and zlib, the one
    place where byte ranges, parts and their concurrency live.
 7. Local copies of results, and access records for least-recently-used
    eviction, each a small class owned by the store.
-8. The store: lookups and loads of results (``_ResultLoads``), then
-   ``S3StoreBackend``, joblib's backend contract on top of the parts above,
-   and the failure policy, stated and applied in one place.
-9. Registration with joblib.
+8. The store: the failure policy, lookups and loads of results, one joblib
+   call (``_Call``), the write of a result (``_Write``), leases for
+   ``compute_once``, eviction, then ``S3StoreBackend``, joblib's backend
+   contract on top of them.
+9. Registration with joblib, and the call scopes.
 10. The command line.
+
+Words used here in a sense of their own:
+
+call
+    One joblib call (a cached call, ``call_and_shelve``, ``get()``, ...),
+    from the public method that began it to its end: a ``_Call``.
+lookup
+    The request that answers "is this result stored?": a GET of its first
+    range where a load follows (the same GET serves the load), else a HEAD.
+beside
+    Sent at the same time as another request, in one round trip.
+code digest
+    A digest of the code that computed a result, carried by the result.
+result id
+    A random id a result and its metadata.json both carry, so that metadata
+    is never taken for another result's.
+let go
+    Given up without being waited for: a lookup joblib will not use is
+    cancelled, and what it opened closed.
+off
+    A function whose cache is off in this process: it computes without the
+    cache until a check of its stored code succeeds.
+lease
+    With ``compute_once``, the right to compute one call, held by one writer.
 
 Copyright (c) 2026, the joblib-store developers. BSD 3-clause licence.
 """
@@ -56,18 +81,22 @@ import bisect
 import collections
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import datetime
+import enum
 import functools
 import hashlib
 import inspect
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import posixpath
 import queue
+import random
 import re
 import stat
 import sys
@@ -79,6 +108,7 @@ import weakref
 import zlib
 
 import joblib
+import joblib.func_inspect
 import joblib.memory
 from joblib import numpy_pickle
 from joblib.disk import memstr_to_bytes
@@ -93,6 +123,11 @@ try:
     import fcntl
 except ImportError:  # Windows: local copies are used without file locks.
     fcntl = None
+
+# Silent unless configured: one line per S3 request at DEBUG, and at INFO
+# each decision a user may wonder about (a miss for other code, a function
+# turned off or on, an outage). Never a credential.
+_log = logging.getLogger("joblib_store")
 
 # --------------------------------------------------------------------------
 # 1. What the installed joblib offers. Each check is made once, here; search
@@ -118,138 +153,60 @@ _LOAD_ITEM_TAKES_MSG = (
 # releases with enforce_store_limits(bytes_limit, items_limit, age_limit).
 _HAS_ENFORCE_STORE_LIMITS = hasattr(StoreBackendMixin, "enforce_store_limits")
 
-# joblib's backend API does not say what a call is for: whether a load will
-# follow an existence check in the same call (it does for a hit, not for
-# call_and_shelve or check_call_in_cache), whether a clear is a user's
-# func.clear() or joblib's reaction to changed code, whether a validation
-# callback will read the metadata, nor which code and arguments a call has.
-# The frames of MemorizedFunc's methods say it (with its func_code_info and
-# the args_id of _cached_call); these names hold from joblib 1.2 to 1.6, and
-# a name a release lacks (Breakpoint: _after_call is new in 1.4,
-# _is_in_cache_and_valid in 1.3) is left out. Where none is found, the store
-# takes the safe side: nothing is handed from one backend call to the next,
-# no result is looked up ahead, and failures do not raise.
-_CALL_FRAMES = {
-    getattr(joblib.memory.MemorizedFunc, name).__code__: name
-    for name in ("_cached_call", "call", "_after_call", "check_call_in_cache",
-                 "_is_in_cache_and_valid", "_check_previous_func_code")
-    if hasattr(joblib.memory.MemorizedFunc, name)
+# Breakpoint: joblib's proposed SQL store makes StoreBackendMixin a subclass
+# of StoreBackendBase. Listed mixin first, the bases have one order in both.
+_STORE_BASES = (StoreBackendMixin, StoreBackendBase)
+
+# joblib's backend API does not say which call a backend call serves. The
+# store learns it from joblib's public methods instead, which registration
+# wraps in a call scope (see _Call): MemorizedFunc's __call__, call,
+# call_and_shelve, check_call_in_cache and clear (and AsyncMemorizedFunc's),
+# MemorizedResult's get and clear, and Memory's clear and reduce_size. A
+# public method of MemorizedFunc this module does not know is wrapped too, as
+# a call that never raises and loads nothing ahead.
+_SCOPED_METHODS = {
+    joblib.memory.MemorizedFunc: {
+        "__call__": "CALL", "call_and_shelve": "SHELVE",
+        "check_call_in_cache": "CHECK", "call": "FORCE", "clear": "CLEAR",
+    },
+    joblib.memory.MemorizedResult: {"get": "GET", "clear": "MAINTENANCE"},
+    joblib.memory.Memory: {"clear": "MAINTENANCE", "reduce_size": "MAINTENANCE"},
 }
-_ENTRY_FRAMES = ("_cached_call", "check_call_in_cache")
-_FRAMES_SEARCHED = 8
+# Breakpoint: joblib < 1.4 has no AsyncMemorizedFunc.
+_ASYNC_MEMORIZED_FUNC = getattr(joblib.memory, "AsyncMemorizedFunc", None)
+if _ASYNC_MEMORIZED_FUNC is not None:
+    _SCOPED_METHODS[_ASYNC_MEMORIZED_FUNC] = _SCOPED_METHODS[joblib.memory.MemorizedFunc]
 
-
-@dataclasses.dataclass(frozen=True)
-class _JoblibCall:
-    """Which joblib call a backend call serves, read from the stack.
-
-    ``anchors`` are the ids of the frames of that call still running (two
-    backend calls serve the same joblib call when they share one);
-    ``memorized`` is the MemorizedFunc; ``loads_a_hit`` says that a hit
-    found now is loaded right away; ``shelves_a_miss`` that a result just
-    computed is shelved, not loaded again (Breakpoint: joblib < 1.4 loads
-    it with mmap_mode even when shelving); ``checking_code`` that joblib is
-    comparing the function's code; ``validating`` that it is deciding
-    whether a stored call is valid; ``args_id`` names the call's arguments
-    (None where joblib's frame does not hold it).
-    """
-
-    anchors: frozenset
-    memorized: object
-    loads_a_hit: bool
-    shelves_a_miss: bool
-    checking_code: bool
-    validating: bool
-    args_id: object = None  # of the call, in _cached_call
-
-    def calls(self, func_id):
-        """Whether this joblib call runs the function func_id (a
-        ``MemorizedResult.get()`` made inside another cached function is
-        found in that function's frames, and is not a call of it)."""
-        memorized = self.memorized
-        try:
-            # Breakpoint: joblib < 1.4 keeps no func_id on a MemorizedFunc.
-            own_id = getattr(memorized, "func_id", None)
-            if own_id is None:
-                own_id = joblib.memory._build_func_identifier(memorized.func)
-        except Exception:
-            return False
-        return own_id == func_id
-
-    def code_digest(self, func_id):
-        """The digest of the code of the function func_id this call runs,
-        or None (a ``MemorizedResult.get()`` knows no code)."""
-        if not self.calls(func_id):
-            return None
-        func = self.memorized.func
-        code_id = id(getattr(func, "__code__", None))
-        try:
-            known = _CODE_DIGESTS.get(func)
-        except TypeError:  # a function that cannot be weakly referenced
-            known = None
-        if known is not None and known[0] == code_id:
-            return known[1]
-        try:
-            func_code = self.memorized.func_code_info[0]
-        except Exception:
-            return None
-        digest = _code_digest(func_code) if isinstance(func_code, str) else None
-        with contextlib.suppress(TypeError):
-            _CODE_DIGESTS[func] = (code_id, digest)
-        return digest
-
-
-def _joblib_call(depth=2):
-    """The joblib call that a backend method serves, or None.
-
-    ``depth`` counts the frames from here to the backend method's caller.
-    """
-    frame = sys._getframe(depth)
-    names, anchors, memorized, args_id = set(), set(), None, None
-    loads_a_hit = shelves_a_miss = False
-    for _ in range(_FRAMES_SEARCHED):
-        if frame is None:
-            break
-        name = _CALL_FRAMES.get(frame.f_code)
-        if name is not None:
-            names.add(name)
-            if memorized is None:
-                memorized = frame.f_locals.get("self")
-            if name in ("_cached_call", "call", "_after_call", "check_call_in_cache"):
-                anchors.add(id(frame))
-            if name == "_cached_call":
-                loads_a_hit = not frame.f_locals.get("shelving", False)
-                args_id = frame.f_locals.get("args_id")
-            if name == "_after_call":
-                shelves_a_miss = bool(frame.f_locals.get("shelving", False))
-            if name in _ENTRY_FRAMES:
-                break
-        frame = frame.f_back
-    if not anchors:
-        return None
-    return _JoblibCall(
-        anchors=frozenset(anchors),
-        memorized=memorized,
-        loads_a_hit=loads_a_hit and "check_call_in_cache" not in names,
-        shelves_a_miss=shelves_a_miss,
-        checking_code="_check_previous_func_code" in names,
-        validating="_is_in_cache_and_valid" in names,
-        args_id=args_id if isinstance(args_id, str) else None,
-    )
+# One speed-up needs a private name: the args_id of a call, which joblib
+# computes before it checks the function's code, lets the lookup go out
+# beside the read of func_code.py (one round trip for a hit in a process
+# that did not write the code, instead of two), and lets compute_once take
+# a lease where joblib writes the code and computes without a lookup.
+# Breakpoint: joblib < 1.4 names it _get_argument_hash, later _get_args_id.
+# Where neither exists, both are lost, with one warning, and nothing else.
+_ARGS_ID_METHOD = next(
+    (name for name in ("_get_args_id", "_get_argument_hash")
+     if inspect.isfunction(getattr(joblib.memory.MemorizedFunc, name, None))),
+    None,
+)
+# Breakpoint: joblib < 1.4 keeps no func_id on a MemorizedFunc.
+_build_func_identifier = getattr(joblib.memory, "_build_func_identifier", None)
 
 
 # --------------------------------------------------------------------------
 # 2. Layout of a cache in a bucket. It is joblib's folder layout, one object
 # per file: <prefix>/<func_id>/func_code.py and <prefix>/<func_id>/<args_id>/
 # {output.pkl, metadata.json}, where func_id may itself contain slashes,
-# plus an empty <args_id>/last_access whose LastModified is the last hit.
+# plus an empty <args_id>/last_access whose LastModified is the last hit,
+# and with compute_once an <args_id>/lease.
 # --------------------------------------------------------------------------
 
 OUTPUT = "output.pkl"
 METADATA = "metadata.json"
 FUNC_CODE = "func_code.py"
 LAST_ACCESS = "last_access"
-_ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS)
+LEASE = "lease"  # who computes the call, with compute_once (see _Leases)
+_ITEM_NAMES = (OUTPUT, METADATA, LAST_ACCESS, LEASE)
 # An args_id, a code digest and a folder of local copies: 32 hex digits.
 _HEX32 = re.compile(r"[0-9a-f]{32}")
 
@@ -317,12 +274,15 @@ def _result_id_of(response):
 _BUCKET_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 _MiB = 2**20
-# S3 takes 5 MiB to 5 GiB per part.
+# S3 takes 5 MiB to 5 GiB per part, and up to 10 000 parts per upload.
 _MIN_PART_SIZE = 5 * _MiB
+_MAX_PART_SIZE = 5 * 2**30
 DEFAULT_PART_SIZE = 8 * _MiB
 DEFAULT_MAX_CONCURRENCY = 8
 DEFAULT_ACCESS_INTERVAL = 3600  # seconds between two access records of a result
 DEFAULT_LOCAL_CACHE_BYTES_LIMIT = 10 * 2**30
+DEFAULT_LEFTOVER_AGE = 86400  # seconds before eviction removes leftovers
+DEFAULT_LEASE_LIFETIME = 60  # seconds, for compute_once=True
 
 # Options of ours, next to joblib's own (compress, mmap_mode) and the
 # keywords of s3fs.S3FileSystem, which are read from s3fs itself.
@@ -336,9 +296,18 @@ _STORE_OPTIONS = (
     "access_interval",
     "local_cache_dir",
     "local_cache_bytes_limit",
+    "compute_once",
+    "leftover_age",
 )
 _JOBLIB_OPTIONS = ("compress", "mmap_mode")
 _MMAP_MODES = (None, "r", "r+", "w+", "c")
+# The s3fs keywords whose type a mistake would otherwise reach botocore
+# with (as a bare TypeError or ValueError), or reach S3 as something else.
+_STORAGE_OPTION_TYPES = {
+    "endpoint_url": str, "key": str, "secret": str, "token": str, "profile": str,
+    "anon": bool, "requester_pays": bool, "use_ssl": bool,
+    "client_kwargs": dict, "config_kwargs": dict, "s3_additional_kwargs": dict,
+}
 
 
 def _s3fs():
@@ -373,7 +342,8 @@ class _StoreOptions:
     """What a store was configured with, validated.
 
     ``storage_options`` (keywords for ``s3fs.S3FileSystem``, credentials
-    among them) is left out of the repr.
+    among them) is left out of the repr; ``compute_once`` is the lease's
+    lifetime in seconds, or None.
     """
 
     bucket: str
@@ -388,6 +358,8 @@ class _StoreOptions:
     access_interval: float = DEFAULT_ACCESS_INTERVAL
     local_cache_dir: object = None
     local_cache_bytes_limit: int = DEFAULT_LOCAL_CACHE_BYTES_LIMIT
+    compute_once: object = None
+    leftover_age: float = DEFAULT_LEFTOVER_AGE
 
     @property
     def location(self):
@@ -419,7 +391,8 @@ class _StoreOptions:
     def parse(cls, location, backend_options=None):
         """Validate what ``S3StoreBackend.configure`` received.
 
-        Raises TypeError or ValueError with a message that says what to fix.
+        Raises TypeError or ValueError with a message that says what to fix
+        (and never shows a credential).
         """
         options = dict(backend_options or {})
         ours = {name: options.pop(name) for name in _STORE_OPTIONS + _JOBLIB_OPTIONS
@@ -433,63 +406,77 @@ class _StoreOptions:
                 f"unknown backend_options for the S3 store: {', '.join(unknown)}. "
                 f"Valid options are: {', '.join(valid)}"
             )
-        storage_options = ours.pop("storage_options", None) or {}
-        if not isinstance(storage_options, dict):
-            raise TypeError(
-                f"storage_options must be a dict, not {type(storage_options).__name__}"
-            )
         # s3fs keywords given directly join those in storage_options.
-        storage_options = {**storage_options, **options}
-        fs = ours.pop("fs", None)
+        storage_options = _checked_storage_options(ours.pop("storage_options", None), options)
+        fs = _checked_filesystem(ours.pop("fs", None))
         if fs is not None and storage_options:
             raise TypeError(
                 "give either a ready S3FileSystem as fs, or options to build "
                 f"one ({', '.join(sorted(storage_options))}), not both"
             )
-        if fs is not None and not isinstance(fs, _s3fs().S3FileSystem):
-            raise TypeError(f"fs must be an s3fs.S3FileSystem, not {type(fs).__name__}")
-        if fs is not None and fs.asynchronous:
-            raise TypeError(
-                "fs must be made with asynchronous=False: joblib calls the "
-                "store from ordinary code, and the store runs s3fs's loop"
-            )
-        compress = ours.pop("compress", False)
-        _check_compress(compress)
-        mmap_mode = ours.pop("mmap_mode", None)
-        if mmap_mode not in _MMAP_MODES:
-            raise ValueError(
-                f"mmap_mode={mmap_mode!r} is not valid: use one of {_MMAP_MODES}"
-            )
-        part_size = ours.pop("part_size", DEFAULT_PART_SIZE)
-        _check_positive_int("part_size", part_size, _MIN_PART_SIZE)
-        max_concurrency = ours.pop("max_concurrency", DEFAULT_MAX_CONCURRENCY)
-        _check_positive_int("max_concurrency", max_concurrency, 1)
-        access_interval = _seconds(
-            ours.pop("access_interval", DEFAULT_ACCESS_INTERVAL)
-        )
-        bytes_limit = ours.pop("local_cache_bytes_limit", DEFAULT_LOCAL_CACHE_BYTES_LIMIT)
-        if isinstance(bytes_limit, str):
-            bytes_limit = memstr_to_bytes(bytes_limit)
-        _check_positive_int("local_cache_bytes_limit", bytes_limit, 0)
-        # The default folder is found where the store is used, not here.
-        local_cache_dir = ours.pop("local_cache_dir", None)
-        if local_cache_dir is not None:
-            local_cache_dir = os.fspath(local_cache_dir)
         bucket, prefix = _parse_location(location, ours.pop("bucket", None))
-        return cls(
-            bucket=bucket,
-            prefix=prefix,
-            compress=compress,
-            mmap_mode=mmap_mode,
-            storage_options=storage_options,
-            fs=fs,
-            create_bucket=bool(ours.pop("create_bucket", False)),
-            part_size=part_size,
-            max_concurrency=max_concurrency,
-            access_interval=access_interval,
-            local_cache_dir=local_cache_dir,
-            local_cache_bytes_limit=bytes_limit,
+        return cls(bucket=bucket, prefix=prefix, storage_options=storage_options, fs=fs,
+                   **_checked_tuning(ours))
+
+
+def _checked_tuning(ours):
+    """Our options and joblib's, checked, as fields of _StoreOptions."""
+    bytes_limit = ours.get("local_cache_bytes_limit", DEFAULT_LOCAL_CACHE_BYTES_LIMIT)
+    if isinstance(bytes_limit, str):
+        bytes_limit = memstr_to_bytes(bytes_limit)
+    mmap_mode = ours.get("mmap_mode")
+    if mmap_mode not in _MMAP_MODES:
+        raise ValueError(f"mmap_mode={mmap_mode!r} is not valid: use one of {_MMAP_MODES}")
+    return dict(
+        compress=_check_compress(ours.get("compress", False)),
+        mmap_mode=mmap_mode,
+        create_bucket=_check_bool("create_bucket", ours.get("create_bucket", False)),
+        part_size=_check_int("part_size", ours.get("part_size", DEFAULT_PART_SIZE),
+                             _MIN_PART_SIZE, _MAX_PART_SIZE),
+        max_concurrency=_check_int(
+            "max_concurrency", ours.get("max_concurrency", DEFAULT_MAX_CONCURRENCY), 1),
+        access_interval=_seconds(
+            "access_interval", ours.get("access_interval", DEFAULT_ACCESS_INTERVAL)),
+        # The default folder is found where the store is used, not here.
+        local_cache_dir=_checked_folder(ours.get("local_cache_dir")),
+        local_cache_bytes_limit=_check_int("local_cache_bytes_limit", bytes_limit, 0),
+        compute_once=_lease_lifetime(ours.get("compute_once", False)),
+        leftover_age=_seconds("leftover_age", ours.get("leftover_age", DEFAULT_LEFTOVER_AGE)),
+    )
+
+
+def _checked_storage_options(given, direct):
+    """storage_options and the s3fs keywords given directly, in one dict;
+    a value of the wrong type is named by its option, never shown."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        raise TypeError(f"storage_options must be a dict, not {type(given).__name__}")
+    storage_options = {**given, **direct}
+    for name, value in storage_options.items():
+        wanted = _STORAGE_OPTION_TYPES.get(name)
+        if wanted is not None and value is not None and not isinstance(value, wanted):
+            raise TypeError(f"{name} must be a {wanted.__name__}, not {type(value).__name__}")
+    client_kwargs = storage_options.get("client_kwargs") or {}
+    for endpoint in (storage_options.get("endpoint_url"), client_kwargs.get("endpoint_url")):
+        if endpoint is not None and not (
+                isinstance(endpoint, str) and endpoint.startswith(("http://", "https://"))):
+            shown = _without_userinfo(endpoint) if isinstance(endpoint, str) else type(endpoint).__name__
+            raise ValueError(
+                f"endpoint_url {shown!r} is not an http:// or https:// URL: write it as "
+                f"'https://host[:port]'")
+    return storage_options
+
+
+def _checked_filesystem(fs):
+    if fs is not None and not isinstance(fs, _s3fs().S3FileSystem):
+        raise TypeError(f"fs must be an s3fs.S3FileSystem, not {type(fs).__name__}")
+    if fs is not None and fs.asynchronous:
+        raise TypeError(
+            "fs must be made with asynchronous=False: joblib calls the "
+            "store from ordinary code, and the store runs s3fs's loop"
         )
+    return fs
 
 
 def _parse_location(location, bucket=None):
@@ -516,18 +503,7 @@ def _parse_location(location, bucket=None):
     if bucket is not None and not isinstance(bucket, str):
         raise TypeError(f"the bucket option must be a str, not {type(bucket).__name__}")
     if location.lower().startswith("s3://"):
-        url_bucket, _, prefix = location[5:].partition("/")
-        if bucket is not None and url_bucket != bucket:
-            raise ValueError(
-                f"location {location!r} names bucket {url_bucket!r} but the "
-                f"bucket option says {bucket!r}: give the bucket once"
-            )
-        if not url_bucket:
-            raise ValueError(
-                f"location {location!r} names no bucket: write it as "
-                f"'s3://BUCKET/PREFIX'"
-            )
-        bucket = url_bucket
+        bucket, prefix = _split_s3_url(location, bucket)
     elif bucket is None:
         raise ValueError(
             f"location {location!r} is not an S3 URL: write it as "
@@ -552,8 +528,30 @@ def _parse_location(location, bucket=None):
     return bucket, prefix
 
 
+def _split_s3_url(location, bucket):
+    """The bucket and prefix of an s3:// URL (bucket: the option's, if given)."""
+    url_bucket, _, prefix = location[5:].partition("/")
+    if "@" in url_bucket:
+        # Never echoed: what stands before the "@" may be a key and secret.
+        raise ValueError(
+            "an s3:// location cannot carry credentials ('...@bucket'): give them "
+            "as key and secret in backend_options, or through the AWS chain "
+            "(environment, ~/.aws, an instance role)"
+        )
+    if bucket is not None and url_bucket != bucket:
+        raise ValueError(
+            f"location {location!r} names bucket {url_bucket!r} but the "
+            f"bucket option says {bucket!r}: give the bucket once"
+        )
+    if not url_bucket:
+        raise ValueError(
+            f"location {location!r} names no bucket: write it as 's3://BUCKET/PREFIX'"
+        )
+    return url_bucket, prefix
+
+
 def _check_compress(compress):
-    """Raise a clear error now for a compress joblib would refuse later."""
+    """compress, if joblib takes it; else a clear error now, not later."""
     if not isinstance(compress, (bool, int, str, tuple)):
         raise TypeError(
             f"compress={compress!r} has the wrong type: use False, True, an "
@@ -568,27 +566,77 @@ def _check_compress(compress):
             f"level 0-9, a method name such as 'zlib', or a tuple such as "
             f"('zlib', 3) ({error})"
         ) from None
+    return compress
 
 
-def _check_positive_int(name, value, minimum):
+def _check_bool(name, value):
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, not {type(value).__name__}")
+    return value
+
+
+def _check_int(name, value, minimum, maximum=None):
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int, not {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name}={value} is too small: the minimum is {minimum}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name}={value} is too large: the maximum is {maximum} "
+                         f"(S3 takes parts of up to 5 GiB; a store holds up to "
+                         f"max_concurrency parts in memory)")
+    return value
 
 
-def _seconds(access_interval):
-    """access_interval as seconds, from a number or a timedelta."""
-    if isinstance(access_interval, datetime.timedelta):
-        access_interval = access_interval.total_seconds()
-    if isinstance(access_interval, bool) or not isinstance(access_interval, (int, float)):
+def _seconds(name, value):
+    """A duration option as seconds, from a number or a timedelta."""
+    if isinstance(value, datetime.timedelta):
+        value = value.total_seconds()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be seconds or a timedelta, not {type(value).__name__}")
+    if not _is_a_time(value) or value < 0:
+        raise ValueError(f"{name}={value} must be a finite number of seconds, 0 or more")
+    return value
+
+
+def _checked_folder(folder):
+    """local_cache_dir as a str path, or None."""
+    if folder is None:
+        return None
+    try:
+        path = os.fspath(folder)
+    except TypeError:
         raise TypeError(
-            f"access_interval must be seconds or a timedelta, not "
-            f"{type(access_interval).__name__}"
-        )
-    if access_interval < 0:
-        raise ValueError(f"access_interval={access_interval} must not be negative")
-    return access_interval
+            f"local_cache_dir must be a path (str or os.PathLike), not "
+            f"{type(folder).__name__}") from None
+    if not isinstance(path, str):
+        raise TypeError("local_cache_dir must be a str path, not bytes: decode it first")
+    return path
+
+
+def _lease_lifetime(compute_once):
+    """compute_once as the lease's lifetime in seconds, or None (off)."""
+    if compute_once is False or compute_once is None:
+        return None
+    if compute_once is True:
+        return float(DEFAULT_LEASE_LIFETIME)
+    if isinstance(compute_once, bool) or not isinstance(
+            compute_once, (int, float, datetime.timedelta)):
+        raise TypeError(f"compute_once must be True, False, or a lease's lifetime in "
+                        f"seconds, not {type(compute_once).__name__}")
+    lifetime = _seconds("compute_once", compute_once)
+    if lifetime < 1:
+        raise ValueError(f"compute_once={compute_once} is too short: a lease lives 1 s or more")
+    return float(lifetime)
+
+
+def _is_a_time(value):
+    """Whether value is a time as joblib writes it: a finite number."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        return False
 
 
 def _endpoint_named_by(storage_options):
@@ -628,175 +676,16 @@ class _FunctionState:
     code_write: object = None
 
 
-@dataclasses.dataclass
-class _Handed:
-    """What one backend call leaves for a later one of the same joblib call:
-    ``url`` names the result, ``anchors`` the frames of that joblib call."""
+class _ProcessState:
+    """Everything one process knows beyond the stores' own options.
 
-    url: str
-    anchors: frozenset
-
-    def serves(self, url, call):
-        return self.url == url and call is not None and bool(self.anchors & call.anchors)
-
-    def let_go(self):
-        """Release what nobody will take."""
-
-
-@dataclasses.dataclass
-class _Found(_Handed):
-    """A lookup's answer, for the metadata and the load that follow."""
-
-    opened: object = None  # an _OpenedObject: the first range of the result
-    copy_path: str = None  # a local copy that S3 confirmed current (a 304)
-    metadata: dict = None  # fetched beside it, for a validation callback
-    last_modified: object = None
-
-    def let_go(self):
-        if self.opened is not None:
-            self.opened.close()
-
-
-@dataclasses.dataclass
-class _LookedUp(_Handed):
-    """A lookup made beside the read of func_code.py, for the existence
-    check that follows: ``found`` is its answer (None for a miss), or
-    ``error`` its failure."""
-
-    found: dict = None
-    error: Exception = None
-
-    def let_go(self):
-        _close_opened(self.found)
-
-
-def _close_opened(found):
-    """Close the first range a lookup's answer (a dict, or None) opened."""
-    if found and found.get("opened") is not None:
-        found["opened"].close()
-
-
-_NO_ANSWER = object()  # no lookup went out beside a read of func_code.py, or it was let go
-
-
-def _let_go_of_lookup(task):
-    """Cancel a lookup nobody will use; close what it opened if it ended."""
-
-    def close(done):
-        if not done.cancelled() and done.exception() is None:
-            _close_opened(done.result())
-
-    task.add_done_callback(close)
-    task.cancel()
-
-
-@dataclasses.dataclass
-class _Publishing(_Handed):
-    """The last request of a result's upload, ended beside the metadata's PUT."""
-
-    store: object = None
-    future: object = None  # the upload's last request
-    new_copy: object = None  # a local copy written beside it
-    code_digest: str = None  # of the code that computed it
-    result_id: str = None  # the id its metadata.json is to carry
-    item: object = None  # the result, for joblib's reload of it
-    started: float = 0.0
-    size: int = 0
-
-    def let_go(self):
-        self.store._finish_publishing(self)
-
-
-@dataclasses.dataclass
-class _Stored(_Handed):
-    """A result just stored, for joblib's reload of it (with mmap_mode)."""
-
-    item: object = None
-    new_copy: object = None  # held until the reload has mapped it
-
-    def let_go(self):
-        if self.new_copy is not None:
-            self.new_copy.close()
-
-
-@dataclasses.dataclass
-class _Unstored(_Handed):
-    """A result that could not be stored: its metadata is not sent."""
-
-
-@dataclasses.dataclass
-class _Written(_Handed):
-    """The result id of a result being stored, for its metadata.json."""
-
-    result_id: str = None
-
-
-_RESULT_IDS_KEPT = 8  # ids of results whose metadata is still to be written
-
-
-class _Handover(threading.local):
-    """This thread's slots of handed-over work: ``looked_up``, ``found``,
-    ``publishing``, ``stored`` and ``unstored``. What a later backend call
-    does not take is let go.
-
-    The result ids of results being stored (``written``, by URL) are kept
-    apart, a few of them, and never let go: joblib may make other cached
-    calls between a store and its metadata (in an argument's repr), and a
-    lost id would leave a pair that a validation callback dates by the
-    older of its two times instead of joblib's own.
+    ``lock`` guards these tables and nothing else: it is held for a lookup
+    or an update, never while waiting for s3fs's event loop, whose own
+    callbacks take it.
     """
 
-    looked_up = found = publishing = stored = unstored = None
-
     def __init__(self):
-        self.written = collections.OrderedDict()
-
-    def put_written(self, written):
-        self.written.pop(written.url, None)
-        self.written[written.url] = written
-        while len(self.written) > _RESULT_IDS_KEPT:
-            self.written.popitem(last=False)
-
-    def take_written(self, url, call):
-        """The result id the same joblib call left for url, or None."""
-        written = self.written.get(url)
-        if written is None or not written.serves(url, call):
-            return None
-        del self.written[url]
-        return written.result_id
-
-    def put(self, slot, handed):
-        self._let_go(slot)
-        setattr(self, slot, handed)
-
-    def take(self, slot, url, call, keep=False):
-        """What the same joblib call left in slot for url, or None."""
-        handed = getattr(self, slot)
-        if handed is not None and handed.serves(url, call):
-            if not keep:
-                setattr(self, slot, None)
-            return handed
-        if not keep:
-            self._let_go(slot)
-        return None
-
-    def let_go_all_but(self, *slots):
-        for slot in ("publishing", "looked_up", "found", "stored", "unstored"):
-            if slot not in slots:
-                self._let_go(slot)
-
-    def _let_go(self, slot):
-        handed = getattr(self, slot)
-        if handed is not None:
-            setattr(self, slot, None)
-            handed.let_go()
-
-
-class _ProcessState:
-    """Everything one process knows beyond the stores' own options."""
-
-    def __init__(self):
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
         # (bucket, endpoint, credentials digest) that passed the check.
         self.checked_buckets = set()
         # (bucket, endpoint) -> the options of the last store configured there.
@@ -806,10 +695,12 @@ class _ProcessState:
         self.warned = set()
         self.functions = {}  # (location, func_id) -> _FunctionState
         self.recorded = {}  # (bucket, key) -> when this process last recorded a hit
-        self.denied_records = set()  # (bucket, endpoint) that may not be written
+        # (bucket, endpoint, credentials digest) that may not write records.
+        self.denied_records = set()
         self.pending = set()  # writes nobody waits for yet
         self.writers = weakref.WeakSet()  # uploads neither committed nor aborted
-        self.handover = _Handover()
+        self.conditional_writes = {}  # (bucket, endpoint) -> whether honoured
+        self.local_leases = {}  # lease key -> _LocalLease of a thread computing it
         self.exit_hook = False
 
     def function(self, location, func_id):
@@ -818,11 +709,12 @@ class _ProcessState:
 
     def ensure_exit_hook(self):
         with self.lock:
-            if not self.exit_hook:
-                import atexit
+            if self.exit_hook:
+                return
+            self.exit_hook = True
+        import atexit
 
-                atexit.register(_finish_at_exit)
-                self.exit_hook = True
+        atexit.register(_finish_at_exit)
 
     def track(self, future):
         """Keep a request that nobody waits for, so that exit waits for it."""
@@ -927,6 +819,29 @@ def _last_modified_of(error):
         return parsedate_to_datetime(headers["last-modified"])
     except (KeyError, TypeError, ValueError):
         return None
+
+
+def _server_time_of(response):
+    """The server's time when it answered (its Date header), as an aware
+    datetime; the local clock's where the answer has none."""
+    headers = (response or {}).get("ResponseMetadata", {}).get("HTTPHeaders", {})
+    try:
+        from email.utils import parsedate_to_datetime
+
+        return parsedate_to_datetime(headers["date"])
+    except (KeyError, TypeError, ValueError, IndexError):
+        return datetime.datetime.now(datetime.timezone.utc)
+
+
+def _age_of(response):
+    """Seconds since the object of a GET's or HEAD's answer was written, by
+    the server's clock alone, or None."""
+    written = response.get("LastModified")
+    if not isinstance(written, datetime.datetime):
+        return None
+    if written.tzinfo is None:
+        written = written.replace(tzinfo=datetime.timezone.utc)
+    return (_server_time_of(response) - written).total_seconds()
 
 
 def _is_answer(error):
@@ -1056,6 +971,8 @@ class _Outage:
         except Exception as error:
             if not _is_answer(error):
                 return False
+        if self.down:
+            _log.info("the endpoint %s answers again", client.endpoint)
         self.down = False
         client.forget_warnings()  # a later outage is news again
         return True
@@ -1077,6 +994,7 @@ class _BucketClient:
         self.fs = fs
         self.bucket = bucket
         self.location = location
+        self._prefix = location[len(f"s3://{bucket}/"):] + "/"
         self.loop = fs.loop
         self._endpoint = None
         self._tuned = False
@@ -1115,12 +1033,40 @@ class _BucketClient:
         outage = _PROCESS.outages.setdefault((self.endpoint, self.loop), _Outage())
         if outage.down:
             await outage.wait_until_up(self)
+        started = time.perf_counter()
         try:
-            return await self._send(method, **kwargs)
+            response = await self._send(method, **kwargs)
         except Exception as error:
-            if _is_unreachable(error):
+            self._log(method, kwargs, error, started)
+            if _is_unreachable(error) and not outage.down:
                 outage.down = True
+                _log.info("the endpoint %s stopped answering (%s: %s): requests wait for "
+                          "a sign of life first", self.endpoint, type(error).__name__, error)
             raise
+        self._log(method, kwargs, response, started)
+        return response
+
+    def _log(self, method, kwargs, answer, started):
+        """One line at DEBUG per request: operation, key (relative to the
+        cache), status, bytes, milliseconds and retries."""
+        if not _log.isEnabledFor(logging.DEBUG):
+            return
+        milliseconds = (time.perf_counter() - started) * 1000
+        if isinstance(answer, BaseException):
+            metadata = (getattr(answer, "response", None) or {}).get("ResponseMetadata", {})
+            status = metadata.get("HTTPStatusCode") or type(answer).__name__
+            size = 0
+        else:
+            metadata = answer.get("ResponseMetadata", {})
+            status = metadata.get("HTTPStatusCode")
+            body = kwargs.get("Body")
+            size = len(body) if body is not None else answer.get("ContentLength", 0)
+        key = kwargs.get("Key") or kwargs.get("Prefix") or ""
+        if key.startswith(self._prefix):
+            key = key[len(self._prefix):]
+        _log.debug("%s %s %s %s bytes %.1f ms %d retries",
+                   "".join(part.title() for part in method.split("_")), key or "-",
+                   status, size, milliseconds, metadata.get("RetryAttempts", 0))
 
     def run(self, coroutine, timeout=None):
         """Run a coroutine on s3fs's loop and wait for its result."""
@@ -1153,15 +1099,40 @@ class _BucketClient:
         The check lists the cache's own prefix, which a policy that lets
         the credentials list only that prefix allows, unlike HeadBucket.
         """
+        timeout = self._check_timeout()
         try:
-            self.call("list_objects_v2", Prefix=prefix + "/", MaxKeys=1,
-                      timeout=_BUCKET_CHECK_TIMEOUT)
+            page = self.call("list_objects_v2", Prefix=prefix + "/", MaxKeys=1, timeout=timeout)
         except _WrongThreadError:
             raise
+        except asyncio.TimeoutError:
+            raise ConnectionError(
+                f"bucket {self.bucket!r} at endpoint {self.endpoint} did not answer the "
+                f"bucket check within {timeout:g} s. If it is only slow, give it longer: "
+                f"the check waits for connect_timeout + read_timeout of config_kwargs, "
+                f"8 s at least (for example config_kwargs={{'read_timeout': 30}})"
+            ) from None
         except Exception as error:
             if not (_is_missing(error) and create_bucket):
                 raise self.bucket_error(error, prefix) from None
             self._create_bucket(prefix)
+            return
+        if "IsTruncated" not in page and "Name" not in page:
+            headers = page.get("ResponseMetadata", {}).get("HTTPHeaders", {})
+            raise ConnectionError(
+                f"the endpoint {self.endpoint} answered the bucket check of "
+                f"{self.bucket!r} with something that is not S3's answer (HTTP "
+                f"{page.get('ResponseMetadata', {}).get('HTTPStatusCode')}, "
+                f"{headers.get('content-type', 'no content type')}): check endpoint_url "
+                f"(or AWS_ENDPOINT_URL); it must be the S3 API's URL, not a web page"
+            )
+
+    def _check_timeout(self):
+        """How long the bucket check waits: what config_kwargs give a request
+        to connect and answer, or _BUCKET_CHECK_TIMEOUT."""
+        config = getattr(self.fs, "config_kwargs", None) or {}
+        given = [config.get(name) for name in ("connect_timeout", "read_timeout")]
+        given = [value for value in given if isinstance(value, (int, float))]
+        return max(_BUCKET_CHECK_TIMEOUT, sum(given)) if given else _BUCKET_CHECK_TIMEOUT
 
     def _create_bucket(self, prefix):
         region = self.fs.s3.meta.region_name
@@ -1316,17 +1287,44 @@ class _BucketClient:
 
     def list(self, prefix):
         """Every object under a key prefix, one request per 1000 keys."""
-        return self.run(self.list_all(prefix))
+        return self.listing(prefix)[0]
 
-    async def list_all(self, prefix):
+    def listing(self, prefix):
+        """Every object under a key prefix, and the server's time when it
+        listed them (by its own clock, which dates the objects)."""
+        return self.run(self._list_all(prefix))
+
+    async def _list_all(self, prefix):
         objects = []
         kwargs = {"Prefix": prefix, "MaxKeys": _LIST_PAGE}
         while True:
             page = await self.request("list_objects_v2", **kwargs)
             objects.extend(page.get("Contents", ()))
             if not page.get("IsTruncated"):
-                return objects
+                return objects, _server_time_of(page)
             kwargs["ContinuationToken"] = page["NextContinuationToken"]
+
+    def incomplete_uploads(self, prefix):
+        """The multipart uploads under a key prefix never completed nor
+        aborted, and the server's time; ([], None) where the server does not
+        list uploads (s3rver)."""
+        return self.run(self._list_uploads(prefix))
+
+    async def _list_uploads(self, prefix):
+        uploads, kwargs = [], {"Prefix": prefix}
+        while True:
+            try:
+                page = await self.request("list_multipart_uploads", **kwargs)
+            except Exception as error:
+                if _error_code(error)[1] in (400, 404, 405, 501):
+                    _log.info("%s lists no multipart uploads (%s)", self.endpoint, error)
+                    return [], None
+                raise
+            uploads.extend(page.get("Uploads", ()))
+            if not page.get("IsTruncated"):
+                return uploads, _server_time_of(page)
+            kwargs.update(KeyMarker=page.get("NextKeyMarker"),
+                          UploadIdMarker=page.get("NextUploadIdMarker"))
 
     def delete(self, keys):
         """Delete keys, 1000 per request; a missing key is not an error."""
@@ -1359,17 +1357,22 @@ class _BucketClient:
 
     def warn(self, message, kind, stacklevel=4):
         """Warn once per kind of failure, until the endpoint answers again."""
-        with _PROCESS.lock:
-            if (self.location, self.endpoint, kind) in _PROCESS.warned:
-                return
-            _PROCESS.warned.add((self.location, self.endpoint, kind))
-        warnings.warn(message, CacheWarning, stacklevel=stacklevel)
+        _warn_once((self.location, self.endpoint, kind), message, stacklevel + 1)
 
     def forget_warnings(self):
         with _PROCESS.lock:
             _PROCESS.warned = {
                 warned for warned in _PROCESS.warned if warned[1] != self.endpoint
             }
+
+
+def _warn_once(key, message, stacklevel):
+    """A CacheWarning, unless one of the same key was given already."""
+    with _PROCESS.lock:
+        if key in _PROCESS.warned:
+            return
+        _PROCESS.warned.add(key)
+    warnings.warn(message, CacheWarning, stacklevel=stacklevel + 1)
 
 
 def _without_userinfo(url):
@@ -1408,9 +1411,7 @@ async def _read_body(body):
 # in memory, and a large load max_concurrency half-parts.
 # --------------------------------------------------------------------------
 
-# S3 takes up to 5 GiB per part and 10 000 parts per upload.
-_MAX_PART_SIZE = 5 * 2**30
-_MAX_PARTS = 10_000
+_MAX_PARTS = 10_000  # per upload
 # Part sizes double every 1000 parts, so that 8 MiB parts still reach
 # several TiB within S3's part count, while small results stay cheap.
 _PARTS_PER_SIZE = 1000
@@ -1743,14 +1744,16 @@ class _MultipartWriter(io.RawIOBase):
     ending (an error, an interrupt, garbage collection, interpreter exit)
     aborts the upload, after the parts in flight, so that nothing
     half-written is ever visible or billed.
-    ``copy_to``, a file, receives every byte as well; ``metadata`` is the
-    object's S3 user metadata.
+    ``on_abort_failure(error)`` is told of an abort that failed; ``copy_to``,
+    a file, receives every byte as well; ``metadata`` is the object's S3
+    user metadata.
     """
 
-    def __init__(self, client, key, part_size, max_concurrency, copy_to=None,
-                 metadata=None):
+    def __init__(self, client, key, part_size, max_concurrency, on_abort_failure,
+                 copy_to=None, metadata=None):
         super().__init__()
         self._client = client
+        self._on_abort_failure = on_abort_failure
         self._key = key
         self._metadata = {"Metadata": metadata} if metadata else {}
         self._part_size = part_size
@@ -1904,13 +1907,7 @@ class _MultipartWriter(io.RawIOBase):
                 "abort_multipart_upload", Key=self._key, UploadId=created["UploadId"]
             )
         except Exception as error:
-            self._client.warn(
-                f"joblib_store could not abort the upload of "
-                f"{self._client.url(self._key)} (endpoint {self._client.endpoint}): "
-                f"{type(error).__name__}: {error}. A lifecycle rule for "
-                f"incomplete multipart uploads removes its parts.",
-                kind=("abort", type(error).__name__),
-            )
+            self._on_abort_failure(error)
 
     def abort(self, wait=True):
         """Forget what was written; nothing of it stays in the bucket.
@@ -1976,6 +1973,9 @@ _COPY_NAME = re.compile(
 )
 _PART_NAME = re.compile(r"[A-Za-z0-9-]+\.pkl\.[0-9a-f]{32}\.part")
 _STALE_PART = 300  # seconds after which a download's leftover is removed
+
+
+_Copy = collections.namedtuple("_Copy", "etag path code_digest result_id")
 
 
 class _LocalCopyUnusable(OSError):
@@ -2080,8 +2080,7 @@ class _LocalCopies:
         return os.path.join(self.root, digest.hexdigest()[:32])
 
     def find(self, key, code_digest=None):
-        """The ETag, path and result id of the newest copy of key here, or
-        None.
+        """The newest copy of key here, as a _Copy, or None.
 
         With ``code_digest``, only a copy of a result of that code is found.
         """
@@ -2092,11 +2091,12 @@ class _LocalCopies:
                 continue
             status = _stat_quietly(entry) if named else None
             if status is not None and stat.S_ISREG(status.st_mode):
-                copies.append((status.st_mtime, entry.path, named.group(1), named.group(3)))
+                copies.append((status.st_mtime, entry.path, named.group(1),
+                               named.group(2), named.group(3)))
         if not copies:
             return None
-        _, path, etag, result_id = max(copies)
-        return f'"{etag}"', path, result_id
+        _, path, etag, digest, result_id = max(copies)
+        return _Copy(f'"{etag}"', path, digest, result_id)
 
     @contextlib.contextmanager
     def held(self, path):
@@ -2306,28 +2306,31 @@ class _AccessRecords:
     not write get no further attempts after the first denial.
     """
 
-    def __init__(self, client, interval):
+    def __init__(self, client, interval, credentials, on_failure):
         self.client = client
         self.interval = interval
-        # Denied once, these credentials are denied for every store of the
-        # process that reaches this bucket.
-        self._denied_key = (client.bucket, client.endpoint)
+        self._on_failure = on_failure
+        # Denied once, these credentials (a digest of them) are denied for
+        # every store of the process that reaches this bucket with them.
+        self._denied_key = (client.bucket, client.endpoint, credentials)
 
-    def record(self, item_key, last_modified=None):
+    def record(self, item_key, age=None):
         """Record a hit on the result under item_key, if due.
 
-        ``last_modified`` is when the result was written, if the hit's
-        response said it.
+        ``age`` is the seconds since the result was written, by the server's
+        clock, if the hit's answer said it; this process's own records are
+        timed by its monotonic clock. So no local clock is ever compared
+        with the server's.
         """
         if self._denied_key in _PROCESS.denied_records:
             return
-        now = time.time()
+        now = time.monotonic()
         recorded_key = (self.client.bucket, item_key)
         with _PROCESS.lock:
-            latest = _PROCESS.recorded.get(recorded_key, 0.0)
-            if last_modified is not None:
-                latest = max(latest, last_modified.timestamp())
-            if now - latest < self.interval:
+            latest = _PROCESS.recorded.get(recorded_key)
+            if latest is not None and now - latest < self.interval:
+                return
+            if age is not None and age < self.interval:
                 return
             _PROCESS.recorded[recorded_key] = now
         future = self.client.submit(
@@ -2339,15 +2342,19 @@ class _AccessRecords:
     def written(self, item_key):
         """A result written now counts as used now."""
         with _PROCESS.lock:
-            _PROCESS.recorded[(self.client.bucket, item_key)] = time.time()
+            _PROCESS.recorded[(self.client.bucket, item_key)] = time.monotonic()
 
     def _check_denied(self, future):
-        if not future.cancelled() and _is_denied(future.exception() or Exception()):
-            _PROCESS.denied_records.add(self._denied_key)
+        error = None if future.cancelled() else future.exception()
+        if error is not None:
+            if _is_denied(error):
+                _PROCESS.denied_records.add(self._denied_key)
+            self._on_failure(error)
 
 # --------------------------------------------------------------------------
-# 8. The store: joblib's StoreBackendBase and StoreBackendMixin on top of
-# the parts above.
+# 8. The store: the failure policy, lookups and loads of results, one
+# joblib call (_Call) and the write of one result (_Write), then joblib's
+# StoreBackendBase and StoreBackendMixin on top of them.
 # --------------------------------------------------------------------------
 
 _BIG_TRANSFER = 8 * _MiB  # at verbose >= 10, transfers above this are reported
@@ -2355,39 +2362,100 @@ _SMALL_RESULT = 1 * _MiB  # uploads this small take a round trip, not bandwidth
 _COMPLETE_BESIDE_METADATA = 80 * _MiB  # the largest upload completed in store_metadata
 _LOAD_ATTEMPTS = 3  # loads of a result that writers keep replacing meanwhile
 
-# The failure policy. Every failure of S3 that a store meets goes to
-# S3StoreBackend._on_failure with the name of the operation, and this table
-# alone says what it does:
-_MISS = "miss"  # the call goes on without the cache; a warning, once per kind
-_FUNCTION_OFF = "function off"  # the cache is off for the function (below)
-_RAISE = "raise"  # the caller gets an error naming bucket and endpoint
+
+class _Outcome(enum.Enum):
+    """What a failure does."""
+
+    MISS = "the call goes on without the cache, with one warning per kind"
+    OFF = "the cache is off for the function in this process, with one warning"
+    RAISE = "a maintenance command raises an error naming bucket and endpoint"
+    RAISE_AND_OFF = "it raises, and the function is off until its code is stored"
+    KEY_ERROR = "a load raises KeyError: joblib recomputes, or get() raises it"
+    LOCAL = "loads go to S3 instead of local copies, with one warning"
+    EACH_FUNCTION = "a warning for each function; the result is returned"
+    QUIET = "nothing changes but a line in the log"
+
+
+class _Failure(enum.Enum):
+    """Every failure the store meets, by what it could not do."""
+
+    LOOK_UP = "check the cache"
+    LOAD = "load a result"
+    STORE_RESULT = "store a result"
+    PICKLE_RESULT = "pickle a result"
+    STORE_METADATA = "store metadata"
+    TAKE_BACK_METADATA = "take back the metadata of a result not stored"
+    READ_METADATA = "read metadata"
+    CLEAR_EXPIRED = "clear an entry that failed validation"
+    READ_CODE = "read function code"
+    CLEAR_CHANGED_CODE = "clear the results of changed code"
+    STORE_CODE = "store function code"
+    RECHECK_CODE = "check the stored code of a function that is off"
+    STORE_CODE_AFTER_CLEAR = "store function code after a clear"
+    CLEAR_FUNCTION = "clear a function's results"
+    CLEAR_RESULT = "clear a result"
+    CLEAR_CACHE = "clear the cache"
+    LIST = "list the cache"
+    EVICT = "evict results"
+    ABORT_UPLOAD = "abort an upload"
+    USE_LOCAL_COPIES = "use local copies of results"
+    RECORD_ACCESS = "record an access"
+    TAKE_LEASE = "take a lease on a call (compute_once)"
+    RENEW_LEASE = "renew a lease"
+    RELEASE_LEASE = "release a lease"
+
+
+# The failure policy: what each failure does, decided here alone and applied
+# by S3StoreBackend._on_failure. A cached call never raises because of S3:
+# its failures are misses, or turn the function off where what is stored is
+# in doubt. Maintenance commands raise, every time they fail.
 _FAILURE_POLICY = {
-    # In a cached call: the call computes and returns its result.
-    "check the cache": {_MISS},
-    "store a result": {_MISS},
-    "store metadata": {_MISS},
+    _Failure.LOOK_UP: _Outcome.MISS,
+    _Failure.LOAD: _Outcome.KEY_ERROR,
+    _Failure.STORE_RESULT: _Outcome.MISS,
+    _Failure.PICKLE_RESULT: _Outcome.EACH_FUNCTION,
+    _Failure.STORE_METADATA: _Outcome.MISS,
     # Left, it would date an older result as new for a validation callback.
-    "take back the metadata of a result not stored": {_MISS},
-    "clear an entry that failed validation": {_MISS},
+    _Failure.TAKE_BACK_METADATA: _Outcome.MISS,
+    _Failure.READ_METADATA: _Outcome.MISS,
+    _Failure.CLEAR_EXPIRED: _Outcome.MISS,
     # Whatever leaves in doubt which code the stored results belong to: the
-    # function runs without the cache in this process, with one warning,
-    # until a check of its stored code succeeds (at its next calls). So no
-    # result of other code is returned, and none of this code is published
-    # next to old code.
-    "read function code": {_FUNCTION_OFF},
-    "clear the results of changed code": {_FUNCTION_OFF},
-    "store function code": {_FUNCTION_OFF},
-    # Maintenance commands raise, every time they fail.
-    "store function code after a clear": {_RAISE, _FUNCTION_OFF},
-    "clear a function's results": {_RAISE},
-    "clear a result": {_RAISE},
-    "clear the cache": {_RAISE},
-    "list the cache": {_RAISE},
-    "evict results": {_RAISE},
+    # function runs without the cache in this process, until a check of its
+    # stored code succeeds (its next read of func_code.py, or its next call).
+    # Results carry their code's digest, so none of other code is served
+    # meanwhile either way; this keeps joblib's own record straight.
+    _Failure.READ_CODE: _Outcome.OFF,
+    _Failure.CLEAR_CHANGED_CODE: _Outcome.OFF,
+    _Failure.STORE_CODE: _Outcome.OFF,
+    _Failure.RECHECK_CODE: _Outcome.QUIET,  # it stays off
+    _Failure.STORE_CODE_AFTER_CLEAR: _Outcome.RAISE_AND_OFF,
+    _Failure.CLEAR_FUNCTION: _Outcome.RAISE,
+    _Failure.CLEAR_RESULT: _Outcome.RAISE,
+    _Failure.CLEAR_CACHE: _Outcome.RAISE,
+    _Failure.LIST: _Outcome.RAISE,
+    _Failure.EVICT: _Outcome.RAISE,
+    # A lifecycle rule for incomplete uploads removes what is left.
+    _Failure.ABORT_UPLOAD: _Outcome.MISS,
+    _Failure.USE_LOCAL_COPIES: _Outcome.LOCAL,
+    # A hit that cannot record its access still hits; denied once, these
+    # credentials record nothing more in this process.
+    _Failure.RECORD_ACCESS: _Outcome.QUIET,
+    # compute_once: a lease that fails is a call computed without one. At
+    # worst, the call is computed twice; never does anyone wait for ever.
+    _Failure.TAKE_LEASE: _Outcome.MISS,
+    _Failure.RENEW_LEASE: _Outcome.QUIET,  # others take over after its lifetime
+    _Failure.RELEASE_LEASE: _Outcome.MISS,
 }
-# A load that fails raises to joblib, which recomputes (a miss) for a call
-# and raises for MemorizedResult.get(); a load right after a miss (joblib
-# maps the result it just stored) uses what the miss produced instead.
+
+
+# What a user reads after "could not ..." where it is not "The result is
+# still computed and returned."
+_WHAT_FOLLOWS = {
+    _Failure.ABORT_UPLOAD: "A lifecycle rule for incomplete multipart uploads removes its parts.",
+    _Failure.READ_METADATA: "joblib sees no metadata for that result.",
+    _Failure.TAKE_LEASE: "The call computes as without compute_once.",
+    _Failure.RELEASE_LEASE: "Writers waiting for it take it over once it expires.",
+}
 
 
 class _LazyMetadata(dict):
@@ -2433,7 +2501,6 @@ for _name in (
 del _name
 
 
-
 def _metadata_of(data):
     """The metadata in a metadata.json ({} where it is not a JSON object),
     as joblib wrote it, and the result id written beside it (or None).
@@ -2452,30 +2519,6 @@ def _metadata_of(data):
     return metadata, metadata.pop(_RESULT_ID_FIELD, None)
 
 
-def _dated_by_the_older(found):
-    """A lookup's answer whose metadata describes another write than the
-    result's: its time becomes the older of its own and the result's
-    Last-Modified (S3's clock). None (a miss) if the result's is unknown."""
-    written = found.get("last_modified")
-    if not isinstance(written, datetime.datetime):
-        return None
-    if written.tzinfo is None:
-        written = written.replace(tzinfo=datetime.timezone.utc)
-    metadata = found["metadata"]
-    metadata["time"] = min(metadata["time"], written.timestamp())
-    return found
-
-
-def _is_a_time(value):
-    """Whether value is a time as joblib writes it: a finite number."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return False
-    try:
-        return math.isfinite(value)
-    except OverflowError:  # an integer beyond any float
-        return False
-
-
 def _readable_func_code(data):
     """Stored function code as joblib can compare it, whatever the bytes.
 
@@ -2490,29 +2533,234 @@ def _readable_func_code(data):
     return text
 
 
+def _digest_of_stored_code(data):
+    """The code digest of the func_code.py whose bytes are data."""
+    code = _readable_func_code(data)
+    return _code_digest(joblib.memory.extract_first_line(code)[0])
+
+
+def _func_code_key(output_key):
+    """The key of func_code.py beside <func_id>/<args_id>/output.pkl."""
+    return posixpath.join(posixpath.dirname(posixpath.dirname(output_key)), FUNC_CODE)
+
+
+# ---------------------------------------------------------------- lookups
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What a lookup asks S3.
+
+    ``loads``: GET the result's first range (a load follows) rather than
+    HEAD it; ``validates``: fetch metadata.json beside, for a validation
+    callback; ``code_digest``: the digest the result must carry, or None to
+    read func_code.py beside and take the digest of the code stored there;
+    ``copy``: a local copy to confirm with If-None-Match.
+    """
+
+    loads: bool
+    validates: bool = False
+    code_digest: object = None
+    copy: object = None
+
+
+@dataclasses.dataclass
+class _Found:
+    """What a lookup found: a result of the right code, for the load (and
+    the metadata) of the same call."""
+
+    key: str
+    code_digest: str
+    result_id: object = None
+    last_modified: object = None
+    age: object = None  # seconds since it was written, by the server's clock
+    opened: object = None  # an _OpenedObject: the first range of the result
+    copy_path: str = None  # a local copy that S3 confirmed current (a 304)
+    metadata: dict = None  # fetched beside, for a validation callback
+
+    def close(self):
+        if self.opened is not None:
+            self.opened.close()
+
+
+class _Seen(enum.Enum):
+    """What the answer to a result's GET or HEAD says."""
+
+    FOUND = "found"
+    COPY_CURRENT = "the local copy is the version stored"
+    MISSING = "missing"
+    FAILED = "failed"
+
+
+def _classify(answer):
+    """The first step of a lookup: what a result's answer says, and the
+    headers (or error) that say it."""
+    if isinstance(answer, _OpenedObject):
+        return _Seen.FOUND, answer.response
+    if isinstance(answer, dict):
+        return _Seen.FOUND, answer
+    if _is_not_modified(answer):
+        return _Seen.COPY_CURRENT, {"LastModified": _last_modified_of(answer),
+                                    "ResponseMetadata": answer.response.get("ResponseMetadata")}
+    if (isinstance(answer, FileNotFoundError) or _is_missing(answer)
+            or _error_code(answer)[0] == "InvalidRange"):  # an empty object
+        return _Seen.MISSING, None
+    return _Seen.FAILED, answer
+
+
+_ASK_WITHOUT_THE_COPY = object()  # see _ResultLoads._decide
+
+
 class _ResultLoads:
     """Lookups and loads of results, for one store in one process.
 
     A lookup is one GET that answers "is it there" and starts the load of
-    the same call; a load reads ranges, through a local copy where the store
-    keeps them, and starts again when another writer replaced the result.
+    the same call (or a HEAD, where no load follows); a load reads ranges,
+    through a local copy where the store keeps them, and starts again when
+    another writer replaced the result.
     """
 
-    def __init__(self, client, options, local_copies):
+    def __init__(self, client, options, local_copies, warn_local):
         self._client = client
         self._part_size = options.part_size
         self._max_concurrency = options.max_concurrency
         self._mmap_mode = options.mmap_mode
         self._copies = local_copies
+        self.warn_local = warn_local
 
-    def load(self, key, found, code_digest=None):
+    def plan(self, key, loads, validates, code_digest):
+        """The plan of a lookup of key, with the local copy it may confirm
+        (found here, in the caller's thread, not on s3fs's loop)."""
+        copy = self.current_copy(key, code_digest) if loads else None
+        return _Plan(loads, validates, code_digest, copy)
+
+    def current_copy(self, key, code_digest):
+        """The local copy of key (of a result of the code code_digest names,
+        if it names one), if copies work: a _Copy, or None."""
+        if self._copies is None:
+            return None
+        try:
+            return self._copies.find(key, code_digest)
+        except _LocalCopyUnusable as error:
+            self.warn_local(error)
+            return None
+
+    async def look_up(self, key, plan):
+        """Whether a result of the right code is stored: a _Found, or None.
+
+        The result's GET (or HEAD), the metadata's GET for a validation
+        callback, and func_code.py's where the caller's code is unknown, go
+        out together; the answers are classified, then decided on.
+        """
+        for attempt in (plan, dataclasses.replace(plan, copy=None)):
+            requests = self._requests(key, attempt)
+            answers = dict(zip(requests, await asyncio.gather(
+                *requests.values(), return_exceptions=True)))
+            result = answers["result"]
+            try:
+                decision = self._decide(key, attempt, answers)
+            finally:
+                kept = isinstance(decision, _Found) and decision.opened is result
+                if isinstance(result, _OpenedObject) and not kept:
+                    result.close()
+            if decision is not _ASK_WITHOUT_THE_COPY:
+                return decision
+        return None  # not reached: the second attempt has no copy
+
+    def _requests(self, key, plan):
+        client = self._client
+        if plan.loads:
+            conditions = {"IfNoneMatch": plan.copy.etag} if plan.copy else {}
+            result = client.open_range(key, _first_range_length(self._part_size), **conditions)
+        else:
+            result = client.request("head_object", Key=key)
+        requests = {"result": result}
+        if plan.validates:
+            requests["metadata"] = client.read(posixpath.join(posixpath.dirname(key), METADATA))
+        if plan.code_digest is None:
+            requests["code"] = client.read(_func_code_key(key))
+        return requests
+
+    def _decide(self, key, plan, answers):
+        """The second step: a _Found, None for a miss, or
+        _ASK_WITHOUT_THE_COPY; raises what failed.
+
+        A result of other code than the caller's (or, where the caller's is
+        unknown, than func_code.py's) is a miss, and so is an entry whose
+        metadata cannot be read when a callback needs it. Metadata that
+        stands beside another result than the one it describes dates it by
+        the older of the two (see _RESULT_ID).
+        """
+        seen, headers = _classify(answers["result"])
+        if seen is _Seen.FAILED:
+            raise headers
+        if seen is _Seen.MISSING:
+            return None
+        if seen is _Seen.COPY_CURRENT:
+            digest, result_id = plan.copy.code_digest, plan.copy.result_id
+        else:
+            digest, result_id = _code_digest_of(headers), _result_id_of(headers)
+        expected = plan.code_digest
+        if expected is None:
+            # The caller's code is unknown: the code stored in func_code.py
+            # stands for it. Where neither that nor the result names a code
+            # (both written outside joblib's calls), there is none to differ.
+            expected = self._digest_in(answers["code"])
+        if digest != expected:
+            _log.info("%s holds a result of other code: a miss", self._client.url(key))
+            return None
+        found = _Found(key, digest, result_id, headers.get("LastModified"), _age_of(headers))
+        if seen is _Seen.COPY_CURRENT:
+            found.copy_path = plan.copy.path
+        elif plan.loads:
+            found.opened = answers["result"]
+        if not plan.validates:
+            return found
+        return self._with_metadata(found, answers["metadata"], seen)
+
+    def _digest_in(self, answer):
+        """The digest of the code in func_code.py's answer (None if it is
+        missing); raises its failure."""
+        if isinstance(answer, FileNotFoundError):
+            return None
+        if isinstance(answer, BaseException):
+            raise answer
+        return _digest_of_stored_code(answer)
+
+    def _with_metadata(self, found, answer, seen):
+        if isinstance(answer, FileNotFoundError):
+            return None  # not written (yet): a miss, recomputed and rewritten
+        if isinstance(answer, BaseException):
+            raise answer
+        found.metadata, described = _metadata_of(answer)
+        if not _is_a_time(found.metadata.get("time")):
+            return None  # not what joblib writes: a miss, as above
+        if described == found.result_id:
+            return found
+        if seen is _Seen.COPY_CURRENT:
+            # The same bytes stored again keep their ETag under a new id,
+            # and a 304 may carry no Last-Modified: ask S3 for the result
+            # itself (the load then writes the copy anew, under the id stored).
+            return _ASK_WITHOUT_THE_COPY
+        written = found.last_modified
+        if not isinstance(written, datetime.datetime):
+            return None
+        if written.tzinfo is None:
+            written = written.replace(tzinfo=datetime.timezone.utc)
+        # Metadata of another write: the result is dated by the older of the
+        # two times, so that it never looks younger than it is.
+        found.metadata["time"] = min(found.metadata["time"], written.timestamp())
+        return found
+
+    # ----------------------------------------------------------------- loads
+
+    def load(self, key, found, code_digest):
         """Load the result at key: the item, the GET that moved its bytes (or
-        None), and when the result was written (if known).
+        None), and its age in seconds by the server's clock (if known).
 
-        ``found`` is what the lookup of the same joblib call learned; without
-        it (``MemorizedResult.get()``, say) the load makes that lookup now,
-        for a result of the code ``code_digest`` names if it names one.
-        A result rewritten meanwhile by another writer of the same call is
+        ``found`` is what the lookup of the same call learned; without it
+        (``MemorizedResult.get()``, say) the load makes that lookup now, for
+        a result of the code ``code_digest`` names (or, if None, that of
+        func_code.py). A result rewritten meanwhile by another writer is
         loaded again, in the version now stored.
         """
         for attempt in range(_LOAD_ATTEMPTS):
@@ -2523,127 +2771,42 @@ class _ResultLoads:
                     raise
                 found = None
 
-    def current_copy(self, key, code_digest):
-        """The ETag, path and result id of a local copy of key (of a result
-        of the code code_digest names, if it names one), if copies work."""
-        copies = self._copies
-        if copies is None:
-            return None
-        try:
-            return copies.find(key, code_digest)
-        except _LocalCopyUnusable as error:
-            self.warn_local(error)
-            return None
-
-    async def look_up(self, key, loads, validates, copy, code_digest=None):
-        """Whether a result is stored, and what its lookup learned.
-
-        The result's GET (or HEAD) and, for a validation callback, the
-        metadata's GET go out together. A result of code other than the one
-        ``code_digest`` names is a miss, and so is an entry whose metadata
-        cannot be read when a callback needs it. Metadata that stands
-        beside another result than the one it describes dates it by the
-        older of the two (see _RESULT_ID).
-        """
-        client = self._client
-        if loads:
-            conditions = {"IfNoneMatch": copy[0]} if copy else {}
-            output = client.open_range(
-                key, _first_range_length(self._part_size), **conditions
-            )
-        else:
-            output = client.request("head_object", Key=key)
-        requests = [output]
-        if validates:
-            requests.append(client.read(posixpath.join(posixpath.dirname(key), METADATA)))
-        answers = await asyncio.gather(*requests, return_exceptions=True)
-        found, error, result_id = {}, None, None
-        answer = answers[0]
-        if isinstance(answer, _OpenedObject):
-            found["opened"] = answer
-            found["last_modified"] = answer.response.get("LastModified")
-            result_id = _result_id_of(answer.response)
-        elif isinstance(answer, dict):
-            found["last_modified"] = answer.get("LastModified")
-            result_id = _result_id_of(answer)
-        elif _is_not_modified(answer):
-            _, found["copy_path"], result_id = copy
-            found["last_modified"] = _last_modified_of(answer)
-        elif isinstance(answer, FileNotFoundError) or _is_missing(answer):
-            found = None
-        elif _error_code(answer)[0] == "InvalidRange":
-            found = None  # an empty object: no result was ever complete there
-        else:
-            error = answer
-        if found is not None and error is None and code_digest is not None:
-            # A local copy confirmed current was found for this code already.
-            headers = answer.response if isinstance(answer, _OpenedObject) else answer
-            if "copy_path" not in found and _code_digest_of(headers) != code_digest:
-                found = None  # computed by other code: a miss, recomputed and rewritten
-        if validates and found is not None and error is None:
-            metadata = answers[1]
-            if isinstance(metadata, FileNotFoundError):
-                found = None  # not written (yet): a miss, recomputed and rewritten
-            elif isinstance(metadata, BaseException):
-                error = metadata
-            else:
-                found["metadata"], described = _metadata_of(metadata)
-                if not _is_a_time(found["metadata"].get("time")):
-                    found = None  # not what joblib writes: a miss, as above
-                elif described != result_id:
-                    if "copy_path" in found:
-                        # The same bytes stored again keep their ETag under
-                        # a new id, and a 304 may carry no Last-Modified:
-                        # ask S3 for the result itself (the load then
-                        # writes the copy anew, under the id stored).
-                        return await self.look_up(key, loads, validates, None, code_digest)
-                    found = _dated_by_the_older(found)
-        if (found is None or error is not None) and isinstance(answer, _OpenedObject):
-            answer.close()
-        if error is not None:
-            raise error
-        return found
-
     def _load_once(self, key, found, code_digest):
-        """One attempt of load()."""
         if found is None:
-            copy = self.current_copy(key, code_digest)
-            answer = self._client.run(self.look_up(key, True, False, copy, code_digest))
-            if answer is None:
-                raise FileNotFoundError(self._client.url(key))
-            found = _Found(self._client.url(key), frozenset(), **answer)
-        copies = self._copies
-        if copies is not None:
+            plan = self.plan(key, loads=True, validates=False, code_digest=code_digest)
+            found = self._client.run(self.look_up(key, plan))
+            if found is None:
+                raise FileNotFoundError(f"{self._client.url(key)} does not exist")
+        if self._copies is not None:
             try:
-                item, opened = self._load_through_copy(key, found, code_digest)
-                return item, opened, found.last_modified
+                item, opened = self._load_through_copy(found)
+                return item, opened, found.age
             except _LocalCopyUnusable as error:
                 # Never a reason to compute again: the result is in S3.
                 self.warn_local(error)
                 if error.path is not None:
-                    copies.remove(error.path)
-                found.let_go()
-                found = _Found(found.url, frozenset(), last_modified=found.last_modified)
-        opened = found.opened or self.open(key, code_digest)
+                    self._copies.remove(error.path)
+                found.close()
+                found = dataclasses.replace(found, opened=None, copy_path=None)
+        opened = found.opened or self.open(found)
         with self.reader(opened) as reader:
             item = _load(reader)
-        return item, opened, found.last_modified or opened.response.get("LastModified")
+        return item, opened, found.age if found.age is not None else _age_of(opened.response)
 
-    def _load_through_copy(self, key, found, code_digest):
+    def _load_through_copy(self, found):
         """Load from a local copy, writing it first if S3 has another version.
 
         Any failure of the copy raises _LocalCopyUnusable; a download that
         breaks or comes short fails the load.
         """
-        copies = self._copies
         if found.copy_path is not None:
-            with copies.held(found.copy_path) as there:
+            with self._copies.held(found.copy_path) as there:
                 if there:
                     return self.load_copy(found.copy_path), None
-            found = _Found(found.url, frozenset())  # evicted since the lookup: fetch it again
-        opened = found.opened or self.open(key, code_digest)
+            found = dataclasses.replace(found, copy_path=None)  # evicted since the lookup
+        opened = found.opened or self.open(found)
         try:
-            new_copy = copies.new(key)
+            new_copy = self._copies.new(found.key)
         except _LocalCopyUnusable:
             opened.close()
             raise
@@ -2657,13 +2820,10 @@ class _ResultLoads:
                         raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
                     written += len(chunk)
             if written != opened.size:
-                raise OSError(
-                    f"{self._client.url(key)}: {written} of {opened.size} bytes came"
-                )
+                raise OSError(f"{self._client.url(found.key)}: {written} of {opened.size} bytes came")
             try:
                 path = new_copy.publish(
-                    opened.etag, _code_digest_of(opened.response), _result_id_of(opened.response)
-                )
+                    opened.etag, _code_digest_of(opened.response), _result_id_of(opened.response))
             except OSError as error:
                 raise _LocalCopyUnusable(f"cannot write a copy: {error}") from None
             return self.load_copy(path), opened
@@ -2679,46 +2839,725 @@ class _ResultLoads:
                 f"cannot load the local copy {path}: {type(error).__name__}: {error}", path
             ) from None
 
-    def reload(self, stored):
-        """joblib's load of the result this very call just stored: its new
-        local copy, mapped, or else the result itself."""
-        try:
-            if stored.new_copy is not None:
-                return self.load_copy(stored.new_copy.path)
-        except _LocalCopyUnusable as error:
-            self.warn_local(error)
-        finally:
-            stored.let_go()
-        return stored.item
-
-    def open(self, key, code_digest=None):
-        """GET the first range of the object at key (a result of the code
-        ``code_digest`` names, if it names one)."""
+    def open(self, found):
+        """GET the first range of a result found before (of its code)."""
         client = self._client
-        opened = client.run(client.open_range(key, _first_range_length(self._part_size)))
-        if code_digest is not None and _code_digest_of(opened.response) != code_digest:
+        opened = client.run(client.open_range(found.key, _first_range_length(self._part_size)))
+        if _code_digest_of(opened.response) != found.code_digest:
             # Replaced by a result of other code since the lookup: look again.
             opened.close()
-            raise _VersionChanged(client.url(key))
+            raise _VersionChanged(client.url(found.key))
         return opened
 
     def reader(self, opened):
         """A reader of the whole object whose first range was opened."""
-        return _RangedReader(
-            self._client, opened, self._part_size, self._max_concurrency
-        )
+        return _RangedReader(self._client, opened, self._part_size, self._max_concurrency)
 
-    def warn_local(self, error):
-        """Warn that local copies are not used (once, as for a failure)."""
-        self._client.warn(
-            f"joblib_store cannot use local copies of results ({error}); "
-            f"results are loaded from S3 instead.",
-            kind=("local copies",),
+
+# ------------------------------------------------------------------ a call
+
+class _Kind(enum.Enum):
+    """What a joblib call is, by the public method that began it."""
+
+    CALL = "a cached call"  # MemorizedFunc.__call__: a hit is loaded at once
+    SHELVE = "call_and_shelve"  # a hit is only referred to
+    CHECK = "check_call_in_cache"  # nothing is computed or loaded
+    FORCE = "call"  # computed and stored, never looked up
+    OTHER = "another public method of MemorizedFunc"
+    GET = "MemorizedResult.get"
+    CLEAR = "a function's clear()"
+    MAINTENANCE = "Memory.clear, Memory.reduce_size or MemorizedResult.clear"
+
+    @property
+    def maintains(self):
+        """Whether failures raise: a command the user gave, not a cached call."""
+        return self in (_Kind.CLEAR, _Kind.MAINTENANCE)
+
+
+# The call each thread, task and nested call is in (see _Call).
+_CURRENT_CALL = contextvars.ContextVar("joblib_store_call", default=None)
+_UNKNOWN = object()
+# The attribute of a MemorizedResult that says which code its value is of.
+_SHELVED_CODE = "_joblib_store_code_digest"
+
+
+class _Call:
+    """One joblib call, from the public method that began it to its end.
+
+    The call scope around that method (see _in_call_scope) makes it, and the
+    backend methods that serve the call find it in _CURRENT_CALL. It owns
+    what one backend call leaves for a later one: the lookup sent beside the
+    read of func_code.py (``lookup``), the lookup's answer for the load and
+    the metadata (``found``), the result being stored (``write``), and with
+    compute_once the lease on the call (``lease``). All of it is closed, in
+    that order, when the call ends.
+    """
+
+    def __init__(self, kind, owner, store):
+        self.kind = kind
+        self.owner = owner  # the MemorizedFunc, MemorizedResult or Memory
+        self.store = store
+        self.args_id = None  # once joblib has computed it
+        self.clearing = False  # inside joblib's clear of changed code
+        self.lookup = None  # a _Beside
+        self.found = None
+        self.write = None
+        self.lease = None  # a _Held, with compute_once
+        self.leases_off = False  # after the call ran again too often
+        self._func_id = self._code_digest = _UNKNOWN
+
+    def serves(self, store, func_id):
+        """Whether a backend call of store for func_id is part of this call."""
+        return store is self.store and self.func_id in (None, func_id)
+
+    @property
+    def func_id(self):
+        """The id of the function called, or None (Memory's methods)."""
+        if self._func_id is _UNKNOWN:
+            self._func_id = getattr(self.owner, "func_id", None)
+            if self._func_id is None and self.kind not in (_Kind.MAINTENANCE, _Kind.GET):
+                with contextlib.suppress(Exception):
+                    self._func_id = _build_func_identifier(self.owner.func)
+        return self._func_id
+
+    @property
+    def validates(self):
+        """Whether joblib will ask the call's validation callback."""
+        return getattr(self.owner, "cache_validation_callback", None) is not None
+
+    def code_digest(self):
+        """The digest of the code whose results this call may be served:
+        the function's, or the shelving call's for ``MemorizedResult.get()``;
+        None where unknown."""
+        if self._code_digest is _UNKNOWN:
+            if self.kind is _Kind.GET:
+                self._code_digest = self.owner.__dict__.get(_SHELVED_CODE)
+            else:
+                self._code_digest = _digest_of_function(self.owner)
+        return self._code_digest
+
+    def computes_once(self):
+        """Whether a miss of this call takes a lease before it computes."""
+        leases = self.store._parts.leases
+        return (self.kind in (_Kind.CALL, _Kind.SHELVE) and not self.leases_off
+                and self.lease is None and leases is not None and leases.available())
+
+    def lease_before_computing(self, key, seen_result_id):
+        """Take the lease on the result at key, which joblib computes next
+        without a lookup; where its holder finished meanwhile, run the call
+        again instead (it loads the result)."""
+        taken = self.store._parts.leases.take(key, seen_result_id)
+        if taken is _LOOK_AGAIN:
+            raise _CallAgain(key)
+        self.lease = taken
+
+    def take(self, name, key):
+        """What the call holds under name for key, handed over; or None."""
+        held = getattr(self, name)
+        if held is None or held.key != key:
+            return None
+        setattr(self, name, None)
+        return held
+
+    def ended(self, result):
+        """End the call that returned result; return it."""
+        self.close()
+        if self.kind is _Kind.SHELVE and isinstance(result, joblib.memory.MemorizedResult):
+            # The value got later must be of the code that shelved it.
+            digest = self.code_digest()
+            if digest is not None and result.store_backend is self.store:
+                result.__dict__[_SHELVED_CODE] = digest
+        return result
+
+    def close(self):
+        for name in ("lookup", "found"):
+            held, _ = getattr(self, name), setattr(self, name, None)
+            if held is not None:
+                held.close()
+        write, self.write = self.write, None
+        stored = None
+        if write is not None:
+            write.close()
+            stored = write.result_id if write.stage is _Stage.DONE else None
+        lease, self.lease = self.lease, None
+        if lease is not None:  # after the write: done names a result that landed
+            lease.close(stored)
+
+
+def _digest_of_function(memorized):
+    """The code digest of a MemorizedFunc's function, read once per function
+    object (see _CODE_DIGESTS), or None if joblib cannot read its code."""
+    func = getattr(memorized, "func", None)
+    code_id = id(getattr(func, "__code__", None))
+    try:
+        known = _CODE_DIGESTS.get(func)
+    except TypeError:  # a function that cannot be weakly referenced
+        known = None
+    if known is not None and known[0] == code_id:
+        return known[1]
+    try:
+        func_code = memorized.func_code_info[0]
+    except Exception:
+        try:  # Breakpoint: a joblib without func_code_info
+            func_code = joblib.func_inspect.get_func_code(func)[0]
+        except Exception:
+            return None
+    digest = _code_digest(func_code) if isinstance(func_code, str) else None
+    with contextlib.suppress(TypeError):
+        _CODE_DIGESTS[func] = (code_id, digest)
+    return digest
+
+
+@dataclasses.dataclass
+class _Beside:
+    """A lookup sent beside the read of func_code.py, for the existence check
+    that follows: its future ends in a _Found, None, or the lookup's error."""
+
+    key: str
+    future: object
+
+    def answer(self):
+        return self.future.result()
+
+    def close(self):
+        """Let go of a lookup nobody took: cancel it, or close what it opened."""
+
+        def close(done):
+            if not done.cancelled() and done.exception() is None and done.result() is not None:
+                done.result().close()
+
+        self.future.add_done_callback(close)
+        self.future.cancel()
+
+
+# ------------------------------------------------------------ one write
+
+class _Stage(enum.Enum):
+    """Where a write is; each stage follows the one above it, or the write
+    ends FAILED."""
+
+    STARTED = "pickled into an upload"
+    SENT = "the result's last request sent"
+    PUBLISHED = "the result is in S3"
+    DONE = "its metadata is in S3 too, and its local copy named"
+    FAILED = "not stored"
+
+
+class _Write:
+    """One result being stored, from joblib's dump_item to its call's end.
+
+    The order, and why:
+
+    1. The result is pickled into a streamed upload (_MultipartWriter): its
+       parts go out while the rest is pickled, and a local copy takes the
+       same bytes where joblib maps the result right after storing it
+       (mmap_mode). The upload carries the code's digest and a new result id.
+    2. Its last request publishes it: one PUT for a small result, else the
+       Complete of its parts. When that is one short request (a small
+       result, or parts that all went out at once and were all uploaded),
+       it waits to go out beside the metadata's PUT: one round trip for
+       both. Else it ends now, as joblib warns of a store_metadata longer
+       than 0.5 s.
+    3. The metadata (joblib's store_metadata) carries the same result id, so
+       a metadata.json never dates another result as new; sent beside a
+       result that then failed, it is taken back.
+    4. The local copy is named after the version S3 stored, for joblib's
+       reload of the result.
+
+    A write the call ends before its metadata (a store_metadata that never
+    comes) finishes its result, and lets its local copy go.
+    """
+
+    def __init__(self, store, key, call):
+        self.store = store
+        self.key = key
+        self.func_id = store._func_id_of(key)
+        self.call = call
+        self.stage = _Stage.STARTED
+        self.result_id = uuid.uuid4().hex
+        self.item = None  # kept for joblib's reload of it
+        self.new_copy = None
+        self._sent = None  # a future of the result's last request
+        self._started = time.perf_counter()
+        self._size = 0
+
+    @property
+    def client(self):
+        return self.store._client
+
+    # 1 and 2 ------------------------------------------------------------
+
+    def start(self, item, reloads):
+        """Pickle and upload item; it ends beside the metadata if it can."""
+        parts = self.store._parts
+        if reloads:
+            self.item = item
+            self.new_copy = self._new_copy(parts)
+        options = self.store.options
+        writer = _MultipartWriter(
+            self.client, self.key, options.part_size, options.max_concurrency,
+            functools.partial(self.store._on_failure, _Failure.ABORT_UPLOAD),
+            copy_to=self.new_copy.file if self.new_copy is not None else None,
+            metadata=self._user_metadata(),
         )
+        try:
+            _dump(item, writer, options.compress)
+            self._sent = writer.commit()
+        except BaseException as error:
+            writer.abort()
+            self._fail()
+            if not isinstance(error, Exception):
+                raise  # an interrupt: nothing was published
+            if error is writer.error:
+                self.store._on_failure(_Failure.STORE_RESULT, error)
+            else:  # the result itself cannot be pickled
+                self.store._on_failure(_Failure.PICKLE_RESULT, error, self.func_id)
+            return
+        if writer.copy_error is not None and self.new_copy is not None:
+            self.store._on_failure(_Failure.USE_LOCAL_COPIES, writer.copy_error)
+            self._drop_copy()
+        self._size = writer.tell()
+        self.stage = _Stage.SENT
+        _PROCESS.track(self._sent)
+        if not self._ends_beside_metadata(writer):
+            self._finish_result()
+
+    def _ends_beside_metadata(self, writer):
+        if self.call is None:
+            return False  # no store_metadata of this call will come for it
+        if self._size <= _SMALL_RESULT:
+            return True
+        if not writer.in_one_wave or self._size > _COMPLETE_BESIDE_METADATA:
+            return False
+        # Waited for here, so that a failed part is known before any
+        # metadata is sent.
+        return writer.parts_uploaded()
+
+    def _user_metadata(self):
+        """The result's S3 user metadata: the user's own (s3fs's
+        s3_additional_kwargs), its code digest where known, its result id."""
+        ours = {_RESULT_ID: self.result_id}
+        digest = self.call.code_digest() if self.call is not None else None
+        if digest is not None:
+            ours[_CODE_DIGEST] = digest
+        own = self.store.fs.s3_additional_kwargs.get("Metadata") or {}
+        return {**own, **ours}
+
+    def _new_copy(self, parts):
+        """A local copy to write beside the upload, or None if none can be."""
+        if parts.local_copies is None:
+            return None
+        try:
+            return parts.local_copies.new(self.key)
+        except OSError as error:
+            self.store._on_failure(_Failure.USE_LOCAL_COPIES, error)
+            return None
+
+    def _finish_result(self):
+        """Wait for the result's last request: PUBLISHED, or FAILED."""
+        if self.stage is not _Stage.SENT:
+            return
+        # The function's code write, if any, went out beside the result: the
+        # call returns once both have landed. Its failure turns the
+        # function off, and that warning says it all.
+        code_failed = self._code_failed()
+        try:
+            response = self._sent.result()
+        except Exception as error:
+            self._fail()
+            if not code_failed:
+                self.store._on_failure(_Failure.STORE_RESULT, error)
+            return
+        self.stage = _Stage.PUBLISHED
+        self.store._report_transfer("Stored", self._size, self._started, self.key)
+        self.store._parts.access_records.written(posixpath.dirname(self.key))
+        self._name_copy(response.get("ETag"))
+
+    def _code_failed(self):
+        """Whether the function's code write, sent beside this result, failed
+        (which turns the function off), once it has ended."""
+        function = _PROCESS.function(self.store.location, self.func_id)
+        if function.code_write is not None:
+            concurrent.futures.wait([function.code_write])
+        return self.store._parts.functions.is_off(self.func_id)
+
+    # 3 and 4 ------------------------------------------------------------
+
+    def publish_metadata(self, metadata):
+        """Store the call's metadata beside (or after) its result."""
+        if self.stage is _Stage.FAILED or self.store._parts.functions.is_off(self.func_id):
+            self._finish_result()
+            return
+        metadata = {**metadata, _RESULT_ID_FIELD: self.result_id}
+        metadata_key = posixpath.join(posixpath.dirname(self.key), METADATA)
+        sent = self.client.submit(
+            "put_object", Key=metadata_key, Body=json.dumps(metadata).encode("utf-8"))
+        self._finish_result()
+        try:
+            sent.result()
+        except Exception as error:
+            if not self._code_failed():
+                self.store._on_failure(_Failure.STORE_METADATA, error)
+            return
+        if self.stage is _Stage.FAILED:
+            # Sent beside a result that was not stored: left, it would date
+            # an older result as new, and a validation callback
+            # (expires_after) would serve it.
+            try:
+                self.client.call("delete_object", Key=metadata_key)
+            except Exception as error:
+                self.store._on_failure(_Failure.TAKE_BACK_METADATA, error)
+            return
+        self.stage = _Stage.DONE
+
+    def _name_copy(self, etag):
+        if self.new_copy is None:
+            return
+        try:
+            if not etag:  # some S3-compatible servers and proxies send none
+                raise OSError("the answer to the upload carried no ETag to name its copy")
+            self.new_copy.publish(etag, self.call and self.call.code_digest(), self.result_id)
+        except OSError as error:
+            self.store._on_failure(_Failure.USE_LOCAL_COPIES, error)
+            self._drop_copy()
+
+    def reload(self):
+        """joblib's load of the result this call just stored: its new local
+        copy, mapped, or else the result itself."""
+        self._finish_result()
+        if self.new_copy is not None and self.new_copy.path is not None:
+            try:
+                return self.store._parts.loads.load_copy(self.new_copy.path)
+            except _LocalCopyUnusable as error:
+                self.store._on_failure(_Failure.USE_LOCAL_COPIES, error)
+        return self.item
+
+    def _fail(self):
+        self.stage = _Stage.FAILED
+        self._drop_copy()
+
+    def _drop_copy(self):
+        if self.new_copy is not None:
+            self.new_copy.close()
+            self.new_copy = None
+
+    def close(self):
+        self._finish_result()
+        self._drop_copy()
+        self.item = None
+
+
+# ------------------------------------------------------- compute once
+
+_PROBE = ".conditional-write-probe"  # <prefix>/_PROBE: does the server honour them?
+_LEASE_ATTEMPTS = 5  # rounds of taking a lease that others keep taking first
+_POLL_FIRST = 0.2  # seconds before a waiter first looks at a lease again
+_POLL_MOST = 10.0  # seconds between two looks, at most
+
+
+class _CallAgain(Exception):
+    """The result a call waited for has landed after joblib decided to
+    compute it: the call scope runs the call again, which loads it."""
+
+
+_LOOK_AGAIN = "look again"  # a lease's holder finished: its result may be there
+
+
+@dataclasses.dataclass
+class _LeaseSeen:
+    """A lease as a GET of it found it: its state (computing, done or
+    released), its ETag, its age by the server's clock, and what it says."""
+
+    state: str
+    etag: str
+    age: float
+    lifetime: float
+    result_id: object = None
+
+    @property
+    def expired(self):
+        return self.state == "computing" and self.age >= self.lifetime
+
+
+class _LocalLease:
+    """The lease of a call that a thread of this process holds: the other
+    threads wait for it here, with no request."""
+
+    def __init__(self):
+        self.ended = threading.Event()
+        self.renewed = 0  # how many times the S3 lease was renewed meanwhile
+
+
+class _Held:
+    """A lease this call holds: renewed in the background until the call
+    ends, then marked done (naming the result stored) or released."""
+
+    def __init__(self, leases, key, etag, local):
+        self.key = key
+        self._leases = leases
+        self._etag = etag
+        self._local = local
+        self._renewing = leases.client.start(self._renew())
+
+    async def _renew(self):
+        client, period = self._leases.client, self._leases.lifetime / 3
+        while True:
+            await asyncio.sleep(period)
+            try:
+                response = await client.request(
+                    "put_object", Key=self.key, IfMatch=self._etag,
+                    Body=self._leases.body("computing"))
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:
+                if _error_code(error)[1] in (404, 412):
+                    _log.info("%s was taken over: it computes anyway", client.url(self.key))
+                    return  # taken over by a writer that thought this one dead
+                self._leases.on_failure(_Failure.RENEW_LEASE, error)
+                continue
+            self._etag = response.get("ETag", self._etag)
+            self._local.renewed += 1
+
+    def close(self, result_id=None):
+        """Mark the lease done (its result landed) or released, in the
+        background, only if this call still holds it; wake the threads
+        waiting here."""
+        self._renewing.cancel()
+        state = "released" if result_id is None else "done"
+        body = self._leases.body(state, result_id)
+        sent = self._leases.client.submit("put_object", Key=self.key, IfMatch=self._etag, Body=body)
+
+        def told(done):
+            error = None if done.cancelled() else done.exception()
+            if error is not None and _error_code(error)[1] not in (404, 412):
+                self._leases.on_failure(_Failure.RELEASE_LEASE, error)
+
+        sent.add_done_callback(told)
+        _PROCESS.track(sent)
+        self._leases.end_local(self.key, self._local)
+
+
+class _Leases:
+    """compute_once for one store: a miss takes a lease on its call before
+    computing it, so that the writers that meet the same miss at once, in
+    threads, processes or machines, compute it once.
+
+    The lease is ``<item>/lease``, written with ``If-None-Match: *``: of the
+    writers that miss at once, one PUT lands and the others answer 412.
+    The holder renews it (``If-Match`` its ETag) every third of its
+    lifetime, and once its result and metadata have landed marks it done,
+    naming that result's id (released, if it stored none). A waiter looks at
+    the lease with backoff (about 6 GETs a minute once it has waited a
+    minute) until it is done, released, gone or expired (no renewal for a
+    lifetime, by the server's clock), then looks for the result again, or
+    takes the lease over (``If-Match``) and computes. A done lease stays:
+    a writer that missed just before the result landed finds it and looks
+    again, where a deleted lease would let it compute the result again.
+    Threads of one process wait for each other without a request.
+    """
+
+    def __init__(self, client, prefix, lifetime, on_failure):
+        self.client = client
+        self.lifetime = lifetime
+        self.on_failure = on_failure
+        self._prefix = prefix
+        self._holder = uuid.uuid4().hex
+
+    def body(self, state, result_id=None):
+        lease = {"holder": self._holder, "state": state, "lifetime": self.lifetime}
+        if result_id is not None:
+            lease["result_id"] = result_id
+        return json.dumps(lease).encode("utf-8")
+
+    # ----------------------------------------------------------- the server
+
+    def available(self):
+        """Whether the server honours conditional writes: probed once per
+        bucket and endpoint in this process, and said once where it does not."""
+        checked = (self.client.bucket, self.client.endpoint)
+        known = _PROCESS.conditional_writes.get(checked)
+        if known is None:
+            known = self._probe()
+            if known is None:
+                return False  # the probe failed: ask again next time
+            _PROCESS.conditional_writes[checked] = known
+            if not known:
+                _warn_once(("compute_once",) + checked, (
+                    f"compute_once is not available at {self.client.endpoint} (bucket "
+                    f"{self.client.bucket!r}): it does not honour conditional writes "
+                    f"(If-None-Match, If-Match). Calls that miss at once compute each "
+                    f"on its own, as without it."), stacklevel=6)
+        return known
+
+    def _probe(self):
+        key = f"{self._prefix}/{_PROBE}"
+        client = self.client
+        def refused(**condition):
+            return _honours(client, "put_object", Key=key, Body=b"", **condition)
+
+        try:
+            # Refused: it stands already. Else it was just made (or a server
+            # that ignores the condition wrote it): a second one must fail.
+            if not refused(IfNoneMatch="*") and not refused(IfNoneMatch="*"):
+                return False
+            return refused(IfMatch='"not-this-one"')
+        except Exception as error:
+            if _is_answer(error) and _error_code(error)[1] in (400, 501):
+                return False  # refuses the conditions it does not know
+            self.on_failure(_Failure.TAKE_LEASE, error)
+            return None
+
+    # ---------------------------------------------------------------- take
+
+    def take(self, key, seen_result_id, looked_again=False):
+        """Take the lease on the call whose result is key, before computing
+        it: a _Held, _LOOK_AGAIN (its holder finished: look for its result),
+        or None (compute without a lease: it failed, or is not available).
+
+        ``seen_result_id`` names the result the caller's lookup found (one
+        that failed validation), or None if it found none; ``looked_again``
+        that the caller looked again for the result of a lease done, in vain.
+        """
+        lease_key = posixpath.join(posixpath.dirname(key), LEASE)
+        local, mine = self._local(lease_key)
+        if not mine:
+            self._wait_here(local)
+            return _LOOK_AGAIN
+        try:
+            held = self._take_in_s3(lease_key, seen_result_id, looked_again, local)
+        except Exception as error:
+            self.on_failure(_Failure.TAKE_LEASE, error)
+            held = None
+        if not isinstance(held, _Held):
+            self.end_local(lease_key, local)
+        return held
+
+    def _local(self, lease_key):
+        """This process's lease on lease_key, and whether this thread made it."""
+        with _PROCESS.lock:
+            local = _PROCESS.local_leases.get(lease_key)
+            if local is not None:
+                return local, False
+            local = _PROCESS.local_leases[lease_key] = _LocalLease()
+            return local, True
+
+    def end_local(self, lease_key, local):
+        with _PROCESS.lock:
+            if _PROCESS.local_leases.get(lease_key) is local:
+                del _PROCESS.local_leases[lease_key]
+        local.ended.set()
+
+    def _wait_here(self, local):
+        """Wait for another thread's lease, while it is renewed."""
+        renewed = -1
+        while renewed != local.renewed:
+            renewed = local.renewed
+            if local.ended.wait(self.lifetime):
+                return
+        _log.info("a thread's lease went a lifetime without renewal: this one computes")
+
+    def _take_in_s3(self, lease_key, seen_result_id, looked_again, local):
+        for _ in range(_LEASE_ATTEMPTS):
+            etag = self._put(lease_key, IfNoneMatch="*")
+            if etag is not None:
+                return _Held(self, lease_key, etag, local)
+            lease = self._read(lease_key)
+            if lease is None:
+                continue  # gone meanwhile: try again
+            if lease.state == "computing" and not lease.expired:
+                lease = self._wait(lease_key, lease)
+                if lease is None:
+                    return _LOOK_AGAIN  # gone: its result may be there
+            if lease.state == "done" and lease.result_id != seen_result_id and not looked_again:
+                return _LOOK_AGAIN
+            if lease.state == "computing" and not lease.expired:
+                continue
+            # Released, expired, or done with the very result found wanting.
+            etag = self._put(lease_key, IfMatch=lease.etag)
+            if etag is not None:
+                _log.info("%s: took over a lease %s", self.client.url(lease_key),
+                          "that expired" if lease.expired else lease.state)
+                return _Held(self, lease_key, etag, local)
+        return None
+
+    def _put(self, lease_key, **condition):
+        """PUT the lease on a condition: its ETag, or None where another
+        writer's stands (412)."""
+        try:
+            response = self.client.call("put_object", Key=lease_key,
+                                        Body=self.body("computing"), **condition)
+        except Exception as error:
+            if _error_code(error)[1] in (404, 409, 412):
+                return None
+            raise
+        return response.get("ETag")
+
+    def _read(self, lease_key):
+        """The lease as it stands: a _LeaseSeen, or None where it is gone."""
+        client = self.client
+        try:
+            response = client.call("get_object", Key=lease_key)
+            data = client.run(_read_body(response["Body"]))
+        except Exception as error:
+            if _is_missing(error):
+                return None
+            raise
+        try:
+            lease = json.loads(data.decode("utf-8"))
+            lifetime = float(lease.get("lifetime", self.lifetime))
+            state = lease["state"]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            lease, lifetime, state = {}, self.lifetime, "released"  # not one of ours
+        age = _age_of(response)
+        return _LeaseSeen(state, response.get("ETag"), self.lifetime if age is None else age,
+                          lifetime, lease.get("result_id"))
+
+    def _wait(self, lease_key, lease):
+        """Look at another writer's lease with backoff and jitter until it
+        is no longer computing, or expired; return it then (None: gone)."""
+        delay = _POLL_FIRST
+        while lease is not None and lease.state == "computing" and not lease.expired:
+            time.sleep(delay * random.uniform(0.75, 1.25))
+            delay = min(delay * 2, _POLL_MOST, lease.lifetime / 3)
+            lease = self._read(lease_key)
+        return lease
+
+
+def _honours(client, method, **kwargs):
+    """Whether a conditional request was refused (412), as it must be."""
+    try:
+        client.call(method, **kwargs)
+    except Exception as error:
+        if _error_code(error)[1] == 412:
+            return True
+        raise
+    return False
+
+
+def _load_message(call_id, verbose, timestamp, metadata, url):
+    """What a load prints at verbose > 1: the words of joblib's own backend."""
+    elapsed = ""
+    if timestamp is not None:
+        elapsed = "{: <16}".format(format_time(time.time() - timestamp))
+    signature = posixpath.basename(call_id[0])
+    if isinstance(metadata, dict) and isinstance(metadata.get("input_args"), dict):
+        arguments = ", ".join(f"{name}={value}" for name, value in metadata["input_args"].items())
+        signature += f"({arguments})"
+    message = f"[Memory]{elapsed}: Loading {signature}"
+    return f"{message}..." if verbose < 10 else f"{message} from {url}"
+
+
+def _transfer_message(verb, size, started, url):
+    """What a big transfer prints at verbose >= 10."""
+    elapsed = max(time.perf_counter() - started, 1e-9)
+    return (f"[Memory] {verb} {size / _MiB:.1f} MiB in {format_time(elapsed)} "
+            f"({size / _MiB / elapsed:.1f} MiB/s): {url}")
 
 
 class _StoreParts:
-    """What a store builds from its options in one process.
+    """What a store builds from its options in one process: its client,
+    local copies, access records, loads, functions and leases, and the
+    failure policy they all apply (``on_failure``).
 
     Options that name no way to reach S3 (a location alone, as joblib gives
     for ``MemorizedFunc(f, "s3://...")``) connect as the last store
@@ -2728,6 +3567,7 @@ class _StoreParts:
     """
 
     def __init__(self, options):
+        on_failure = self.on_failure
         connection = options
         if not options.names_a_connection:
             with _PROCESS.lock:
@@ -2743,11 +3583,240 @@ class _StoreParts:
             self.local_copies = _LocalCopies(
                 options.local_cache_dir, options.local_cache_bytes_limit, options.bucket
             )
-        self.access_records = _AccessRecords(self.client, options.access_interval)
-        self.loads = _ResultLoads(self.client, options, self.local_copies)
+        self.access_records = _AccessRecords(
+            self.client, options.access_interval, connection.credentials_fingerprint(),
+            functools.partial(on_failure, _Failure.RECORD_ACCESS))
+        self.loads = _ResultLoads(self.client, options, self.local_copies,
+                                  functools.partial(on_failure, _Failure.USE_LOCAL_COPIES))
+        self.functions = _Functions(self, options.location, on_failure)
+        self.leases = None
+        if options.compute_once is not None:
+            self.leases = _Leases(self.client, options.prefix, options.compute_once, on_failure)
+
+    def on_failure(self, failure, error, func_id=None):
+        """Do what _FAILURE_POLICY says of a failure of this store; return
+        the KeyError a failed load raises."""
+        if isinstance(error, _WrongThreadError):
+            raise error  # a mistake to fix in the calling code, not a failure of S3
+        outcome = _FAILURE_POLICY[failure]
+        client = self.client
+        where = f"{client.location} (bucket {client.bucket!r} at endpoint {client.endpoint})"
+        what = f"{type(error).__name__}: {error}"
+        _log.info("could not %s in %s: %s (%s)", failure.value, where, what, outcome.name)
+        if outcome in (_Outcome.OFF, _Outcome.RAISE_AND_OFF):
+            self.functions.turn_off(func_id, f"it could not {failure.value} in {where}: {what}")
+        if outcome in (_Outcome.RAISE, _Outcome.RAISE_AND_OFF):
+            raise client.error(failure.value, error) from error
+        if outcome is _Outcome.KEY_ERROR:
+            if isinstance(error, FileNotFoundError):  # the words of joblib's own backend
+                return KeyError(f"Non-existing item (may have been cleared).\n{error} "
+                                f"(bucket {client.bucket!r} at endpoint {client.endpoint})")
+            return KeyError(f"could not {failure.value} from {where}: {what}")
+        if outcome is _Outcome.MISS:
+            kind = "unreachable" if _is_unreachable(error) else type(error).__name__
+            then = _WHAT_FOLLOWS.get(failure, "The result is still computed and returned.")
+            client.warn(f"joblib_store could not {failure.value} in {where}: {what}. {then}",
+                        kind=(failure, kind))
+        elif outcome is _Outcome.LOCAL:
+            client.warn(f"joblib_store cannot use local copies of results ({error}); "
+                        f"results are loaded from S3 instead.", kind=(failure,))
+        elif outcome is _Outcome.EACH_FUNCTION:
+            warnings.warn(f"Unable to cache {func_id} to S3: its result cannot be pickled "
+                          f"({what}). It is returned but not stored.", CacheWarning, stacklevel=5)
+        return None
+
+    def read_metadata(self, key):
+        """The metadata at key, as joblib wrote it; {} if it is missing or
+        cannot be read."""
+        try:
+            return _metadata_of(self.client.run(self.client.read(key)))[0]
+        except FileNotFoundError:
+            return {}
+        except Exception as error:
+            self.on_failure(_Failure.READ_METADATA, error)
+            return {}
+
+    def delete(self, keys):
+        """Delete keys, and the local copies of the results among them."""
+        keys = list(keys)
+        if self.local_copies is not None:
+            self.local_copies.drop(keys)
+        self.client.delete(keys)
+
+    def clear_prefix(self, key_prefix):
+        """Delete every object under key_prefix + '/'."""
+        self.delete(obj["Key"] for obj in self.client.list(key_prefix + "/"))
 
 
-class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
+class _Functions:
+    """The functions of one cache, as this process knows them: whose cache
+    is off, and the check of its stored code that turns it back on."""
+
+    def __init__(self, parts, location, on_failure):
+        self._parts = parts
+        self._location = location
+        self._on_failure = on_failure
+
+    def state(self, func_id):
+        """This process's state of a function, once its code write landed."""
+        function = _PROCESS.function(self._location, func_id)
+        write = function.code_write
+        if write is not None and write.done():
+            function.code_write = None
+            error = None if write.cancelled() else write.exception()
+            if error is not None:
+                self._on_failure(_Failure.STORE_CODE, error, func_id)
+        return function
+
+    def is_off(self, func_id):
+        return self.state(func_id).off
+
+    def turn_off(self, func_id, why):
+        _PROCESS.function(self._location, func_id).off = True
+        _log.info("the cache is off for %s in this process: %s", func_id, why)
+        self._parts.client.warn(
+            f"joblib_store turned the cache off for {func_id} in this process: {why}. "
+            f"Calls compute without the cache until its stored code can be checked.",
+            kind=("off", func_id),
+        )
+
+    def turn_on(self, func_id):
+        function = _PROCESS.function(self._location, func_id)
+        if function.off:
+            function.off = False
+            _log.info("the cache is on again for %s in this process", func_id)
+
+    def recheck(self, func_id, code_key):
+        """Check an off function's stored code again, as joblib would; return
+        whether its cache is back on.
+
+        Old results go when the stored code differs, and the current code is
+        written when it differs or is missing.
+        """
+        code = self.state(func_id).code
+        if code is None:
+            return False
+        client = self._parts.client
+        try:
+            try:
+                stored = _readable_func_code(client.run(client.read(code_key)))
+            except FileNotFoundError:
+                stored = None
+            current = joblib.memory.extract_first_line(code)[0]
+            if stored is not None and joblib.memory.extract_first_line(stored)[0] != current:
+                self._parts.clear_prefix(posixpath.dirname(code_key))
+            if stored is None or stored != code:
+                client.put(code_key, code.encode("utf-8"))
+        except Exception as error:
+            self._on_failure(_Failure.RECHECK_CODE, error, func_id)
+            return False
+        self.turn_on(func_id)
+        return True
+
+
+_Entry = collections.namedtuple("_Entry", "item keys has_result age")
+_Evicted = collections.namedtuple("_Evicted", "items leftovers uploads")
+
+
+class _Eviction:
+    """Least-recently-used eviction of one cache, and its leftovers.
+
+    Ages are taken by the server's clock alone (its listing's Date against
+    the objects' LastModified), so a client whose clock is off neither
+    evicts a result just used nor keeps an old one. Results are evicted by
+    the limits, least recently used first. Leftovers are handled on their
+    own terms: an item folder without a result (an access record or
+    metadata that landed after a clear, a write that failed) goes once
+    ``leftover_age`` old (or age_limit, if shorter), and so does a multipart
+    upload never completed nor aborted (its parts are billed meanwhile).
+    """
+
+    def __init__(self, parts, prefix, leftover_age, verbose):
+        self._parts = parts
+        self._prefix = prefix
+        self._leftover_age = leftover_age
+        self._verbose = verbose
+
+    def entries(self):
+        """Every item folder, as an _Entry: its CacheItemInfo, its keys,
+        whether it holds a result, and its age in seconds.
+
+        An item's last access is the newest LastModified among its objects,
+        its access record included, given in the local clock's terms. This
+        process's own pending writes and access records land first.
+        """
+        _wait_for_background_requests()
+        objects, server_time = self._parts.client.listing(self._prefix + "/")
+        folders = collections.defaultdict(list)
+        for obj in objects:
+            folder, _, name = obj["Key"].rpartition("/")
+            if _HEX32.fullmatch(posixpath.basename(folder)) and name in _ITEM_NAMES:
+                folders[folder].append(obj)
+        now = datetime.datetime.now()
+        entries = []
+        for folder, found in folders.items():
+            age = (server_time - max(obj["LastModified"] for obj in found)).total_seconds()
+            item = CacheItemInfo(self._parts.client.url(folder), sum(obj["Size"] for obj in found),
+                                 now - datetime.timedelta(seconds=age))
+            has_result = any(obj["Key"].endswith("/" + OUTPUT) for obj in found)
+            entries.append(_Entry(item, [obj["Key"] for obj in found], has_result, age))
+        return entries
+
+    def find(self, bytes_limit=None, items_limit=None, age_limit=None):
+        """What the limits leave out: an _Evicted of entries and uploads."""
+        entries = self.entries()
+        results = sorted((e for e in entries if e.has_result), key=lambda e: -e.age)
+        max_age = None if age_limit is None else age_limit.total_seconds()
+        extra_items = 0 if items_limit is None else len(results) - items_limit
+        extra_bytes = 0 if bytes_limit is None else sum(e.item.size for e in results) - bytes_limit
+        doomed = []
+        for entry in results:
+            too_old = max_age is not None and entry.age > max_age
+            if extra_items <= 0 and extra_bytes <= 0 and not too_old:
+                break
+            doomed.append(entry)
+            extra_items -= 1
+            extra_bytes -= entry.item.size
+        leftover_age = self._leftover_age if max_age is None else min(self._leftover_age, max_age)
+        leftovers = [e for e in entries if not e.has_result and e.age > leftover_age]
+        uploads, server_time = self._parts.client.incomplete_uploads(self._prefix + "/")
+        stale = [upload for upload in uploads if server_time is not None
+                 and (server_time - upload["Initiated"]).total_seconds() > self._leftover_age]
+        return _Evicted(doomed, leftovers, stale)
+
+    def run(self, bytes_limit=None, items_limit=None, age_limit=None, dry_run=False):
+        """Find what the limits leave out and, unless dry_run, delete it."""
+        if isinstance(bytes_limit, str):
+            bytes_limit = memstr_to_bytes(bytes_limit)
+        if age_limit is not None and age_limit.total_seconds() < 0:
+            raise ValueError("age_limit has to be a positive timedelta")
+        try:
+            doomed = self.find(bytes_limit, items_limit, age_limit)
+        except Exception as error:
+            self._parts.on_failure(_Failure.LIST, error)
+        if not dry_run:
+            try:
+                self.carry_out(doomed)
+            except Exception as error:
+                self._parts.on_failure(_Failure.EVICT, error)
+        return doomed
+
+    def carry_out(self, doomed):
+        """Delete what find() left out, and abort its uploads."""
+        for entry in doomed.items + doomed.leftovers:
+            if self._verbose > 10:
+                print(f"Deleting item {entry.item}")
+        self._parts.delete(key for entry in doomed.items + doomed.leftovers for key in entry.keys)
+        client = self._parts.client
+        for upload in doomed.uploads:
+            try:
+                client.call("abort_multipart_upload", Key=upload["Key"], UploadId=upload["UploadId"])
+            except Exception as error:
+                if not _is_missing(error):  # completed or aborted meanwhile
+                    raise
+
+
+class S3StoreBackend(*_STORE_BASES):
     """A joblib store backend that keeps the cache in an S3 bucket.
 
     Results are written straight to their final key, as one PUT or a
@@ -2775,23 +3844,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         verbose : int
             joblib's verbosity.
         backend_options : dict, optional
-            ``bucket``; ``storage_options`` (a dict for
-            ``s3fs.S3FileSystem``) or any of its keywords given directly
-            (``endpoint_url``, ``key``, ``secret``, ``token``, ``profile``,
-            ``anon``, ``client_kwargs``, ``config_kwargs``,
-            ``s3_additional_kwargs``, ...); ``fs``, a ready
-            ``S3FileSystem``; ``create_bucket`` (default False);
-            ``part_size`` (bytes per uploaded part, default 8 MiB; loads
-            read ranges of up to that) and ``max_concurrency`` (requests in
-            flight for one transfer, default 8); ``access_interval``
-            (seconds or a timedelta, default one hour: how stale a result's
-            last-access time may get before a hit records it again);
-            ``local_cache_dir``, a folder for local copies of results (used
-            for every hit when given, and for memory-mapped hits, under
-            ``$XDG_CACHE_HOME/joblib_store`` by default, when ``mmap_mode``
-            is set); ``local_cache_bytes_limit`` (default 10 GiB, or a
-            string such as '500M'). joblib's own ``compress`` and
-            ``mmap_mode`` come from Memory's arguments of those names.
+            Our options (``bucket``, ``storage_options``, ``fs``,
+            ``create_bucket``, ``compute_once``, ``part_size``,
+            ``max_concurrency``, ``access_interval``, ``local_cache_dir``,
+            ``local_cache_bytes_limit``, ``leftover_age``: see the README),
+            any keyword of ``s3fs.S3FileSystem``, and joblib's own
+            ``compress`` and ``mmap_mode``.
 
         A location alone (joblib configures ``MemorizedFunc(f, "s3://...")``
         that way) reaches the bucket with the options of the last store
@@ -2812,9 +3870,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
                    parts.connection.credentials_fingerprint())
         if checked not in _PROCESS.checked_buckets:
             parts.client.check_bucket(options.prefix, options.create_bucket)
-            with _PROCESS.lock:
-                _PROCESS.checked_buckets.add(checked)
+            _warn_of_what_joblib_lacks()
         with _PROCESS.lock:
+            _PROCESS.checked_buckets.add(checked)
             if options.names_a_connection:
                 _PROCESS.options_by_bucket[(options.bucket, options.given_endpoint)] = options
             _PROCESS.parts[self] = parts
@@ -2828,112 +3886,36 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
     def _parts(self):
         parts = _PROCESS.parts.get(self)
         if parts is None:
+            # Built outside the lock: connecting waits for s3fs's loop,
+            # whose callbacks take the lock.
+            built = _StoreParts(self.options)
             with _PROCESS.lock:
-                parts = _PROCESS.parts.get(self)
-                if parts is None:
-                    parts = _PROCESS.parts[self] = _StoreParts(self.options)
+                parts = _PROCESS.parts.setdefault(self, built)
         return parts
 
-    @property
-    def _client(self):
-        return self._parts.client
-
-    @property
-    def bucket(self):
-        return self.options.bucket
-
-    @property
-    def prefix(self):
-        return self.options.prefix
-
-    @property
-    def fs(self):
-        """The s3fs filesystem that carries this process's requests."""
-        return self._client.fs
-
-    @property
-    def endpoint(self):
-        """The URL requests go to (never with credentials)."""
-        return self._client.endpoint
+    _client = property(lambda self: self._parts.client)
+    bucket = property(lambda self: self.options.bucket, doc="The cache's bucket.")
+    prefix = property(lambda self: self.options.prefix, doc="The cache's key prefix.")
+    fs = property(lambda self: self._client.fs,
+                  doc="The s3fs filesystem that carries this process's requests.")
+    endpoint = property(lambda self: self._client.endpoint,
+                        doc="The URL requests go to (never with credentials).")
 
     # ------------------------------------------------------- failure policy
 
-    def _on_failure(self, operation, error, func_id=None):
-        """Apply _FAILURE_POLICY to a failed operation of this store."""
-        if isinstance(error, _WrongThreadError):
-            raise error  # a mistake to fix in the calling code, not a failure of S3
-        outcome = _FAILURE_POLICY[operation]
-        client = self._client
-        what = f"{type(error).__name__}: {error}"
-        if _FUNCTION_OFF in outcome:
-            function = _PROCESS.function(self.location, func_id)
-            function.off = True
-            client.warn(
-                f"joblib_store turned the cache off for {func_id} in this "
-                f"process: it could not {operation} in {self.location} "
-                f"(endpoint {client.endpoint}): {what}. Calls compute without "
-                f"the cache until its stored code can be checked.",
-                kind=("off", func_id),
-            )
-        if _RAISE in outcome:
-            raise client.error(operation, error) from error
-        if _MISS in outcome:
-            kind = "unreachable" if _is_unreachable(error) else type(error).__name__
-            client.warn(
-                f"joblib_store could not {operation} in {self.location} "
-                f"(endpoint {client.endpoint}): {what}. The result is still "
-                f"computed and returned.",
-                kind=(operation, kind),
-            )
+    def _on_failure(self, failure, error, func_id=None):
+        """Do what the failure policy says (see _StoreParts.on_failure)."""
+        return self._parts.on_failure(failure, error, func_id)
 
-    def _function(self, func_id):
-        """This process's state of a function, after its code write landed."""
-        function = _PROCESS.function(self.location, func_id)
-        write = function.code_write
-        if write is not None and write.done():
-            function.code_write = None
-            error = None if write.cancelled() else write.exception()
-            if error is not None:
-                self._on_failure("store function code", error, func_id)
-        return function
+    # ------------------------------------------------------------ the call
 
-    def _recover(self, func_id, function):
-        """Check a function's stored code again; whether its cache is back on.
-
-        Old results go when the stored code differs, and the current code is
-        written when it differs or is missing, as joblib does.
-        """
-        if function.code is None:
-            return False
-        key = self._key_of_call([func_id], FUNC_CODE)
-        client = self._client
-        try:
-            try:
-                stored = _readable_func_code(client.run(client.read(key)))
-            except FileNotFoundError:
-                stored = None
-            current = joblib.memory.extract_first_line(function.code)[0]
-            if stored is not None and joblib.memory.extract_first_line(stored)[0] != current:
-                self._clear_prefix(self._key_of_call([func_id]))
-            if stored is None or stored != function.code:
-                client.put(key, function.code.encode("utf-8"))
-        except Exception:
-            return False
-        function.off = False
-        return True
-
-    # ------------------------------------------------------------- handover
-
-    def _begin(self, *takes):
-        """Start a backend call: the joblib call it serves.
-
-        What earlier backend calls of this thread left and this one does not
-        take (the slots named in ``takes``) is let go.
-        """
+    def _call_of(self, call_id):
+        """The joblib call a backend call for call_id serves, or None."""
         _refuse_loop_thread()
-        call = _joblib_call(depth=3)
-        _PROCESS.handover.let_go_all_but(*takes)
-        return call
+        call = _CURRENT_CALL.get()
+        if call is not None and call.serves(self, call_id[0]):
+            return call
+        return None
 
     # ---------------------------------------------------------------- keys
 
@@ -2948,6 +3930,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         """The key of a file of a cached call (or function), by joblib's id."""
         return posixpath.join(self.prefix, *call_id, *names)
 
+    def _func_id_of(self, key):
+        """The func_id of a key of a result, <prefix>/<func_id>/<args_id>/<name>."""
+        return posixpath.dirname(posixpath.dirname(key))[len(self.prefix) + 1:]
+
     # ----------------------------------------- StoreBackendBase primitives
 
     def _open_item(self, f, mode):
@@ -2958,11 +3944,13 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         """
         key = self._key_of_url(f)
         if mode == "rb":
-            loads = self._parts.loads
-            return io.BufferedReader(loads.reader(loads.open(key)), buffer_size=_MiB)
+            client = self._client
+            opened = client.run(client.open_range(key, _first_range_length(self.options.part_size)))
+            return io.BufferedReader(self._parts.loads.reader(opened), buffer_size=_MiB)
         if mode == "wb":
             return _ObjectFile(
-                self._client, key, self.options.part_size, self.options.max_concurrency
+                self._client, key, self.options.part_size, self.options.max_concurrency,
+                functools.partial(self._on_failure, _Failure.ABORT_UPLOAD),
             )
         raise ValueError(f"mode must be 'rb' or 'wb', not {mode!r}")
 
@@ -2989,17 +3977,13 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         try:
             self._clear_prefix(self._key_of_url(location).rstrip("/"))
         except Exception as error:
-            self._on_failure("clear the cache", error)
+            self._on_failure(_Failure.CLEAR_CACHE, error)
 
     def _clear_prefix(self, key_prefix):
-        self._delete(obj["Key"] for obj in self._client.list(key_prefix + "/"))
+        self._parts.clear_prefix(key_prefix)
 
     def _delete(self, keys):
-        """Delete keys, and the local copies of the results among them."""
-        keys = list(keys)
-        if self._parts.local_copies is not None:
-            self._parts.local_copies.drop(keys)
-        self._client.delete(keys)
+        self._parts.delete(keys)
 
     def get_items(self):
         """Every cached result, as ``CacheItemInfo(path, size, last_access)``.
@@ -3007,34 +3991,12 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         One listing request per 1000 keys, nothing per item.
         """
         try:
-            return [item for item, _, has_result in self._list_items() if has_result]
+            return [entry.item for entry in self._eviction().entries() if entry.has_result]
         except Exception as error:
-            self._on_failure("list the cache", error)
+            self._on_failure(_Failure.LIST, error)
 
-    def _list_items(self):
-        """Every item folder: its CacheItemInfo, its keys, and whether it
-        holds a result (an interrupted write, or an access record that
-        landed after an eviction, can leave a folder without one).
-
-        An item's last access is the newest LastModified among its objects,
-        its access record included. This process's own pending writes and
-        access records land first.
-        """
-        _wait_for_background_requests()
-        folders = collections.defaultdict(list)
-        for obj in self._client.list(self.prefix + "/"):
-            folder, _, name = obj["Key"].rpartition("/")
-            if _HEX32.fullmatch(posixpath.basename(folder)) and name in _ITEM_NAMES:
-                folders[folder].append(obj)
-        items = []
-        for folder, objects in folders.items():
-            size = sum(obj["Size"] for obj in objects)
-            used = max(obj["LastModified"] for obj in objects).timestamp()
-            last_access = datetime.datetime.fromtimestamp(used)
-            item = CacheItemInfo(self._client.url(folder), size, last_access)
-            has_result = any(obj["Key"].endswith("/" + OUTPUT) for obj in objects)
-            items.append((item, [obj["Key"] for obj in objects], has_result))
-        return items
+    def _eviction(self):
+        return _Eviction(self._parts, self.prefix, self.options.leftover_age, self.verbose)
 
     # ------------------------------------------------------------ fast paths
     # Each overrides a StoreBackendMixin method where S3 can do better than
@@ -3042,97 +4004,82 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
 
     def contains_item(self, call_id):
         # One GET of the result's first range when a load follows (its
-        # answer serves that load, and nothing later), else one HEAD; a
-        # missing key is a miss, never a listing. A lookup made beside the
-        # read of func_code.py in the same joblib call answers instead.
-        call = self._begin("looked_up")
+        # answer serves that load), else one HEAD; a missing key is a miss,
+        # never a listing. A lookup sent beside the read of func_code.py in
+        # the same call answers instead.
+        call = self._call_of(call_id)
         func_id = call_id[0]
-        function = self._function(func_id)
         key = self._key_of_call(call_id, OUTPUT)
-        looked_up = _PROCESS.handover.take("looked_up", self._client.url(key), call)
-        if function.off:
-            if looked_up is not None:
-                looked_up.let_go()
-            if not self._recover(func_id, function):
+        beside = call.take("lookup", key) if call is not None else None
+        if self._parts.functions.is_off(func_id):
+            if beside is not None:
+                beside.close()
+            beside = None
+            if not self._parts.functions.recheck(func_id, self._key_of_call([func_id], FUNC_CODE)):
                 return False
-            looked_up = None
         try:
-            if looked_up is None:
-                found = self._client.run(self._look_up(call, key))
-            elif looked_up.error is not None:
-                raise looked_up.error
-            else:
-                found = looked_up.found
+            found = beside.answer() if beside is not None else self._client.run(
+                self._look_up(call, key))
+            looked_again = False
+            while found is None and call is not None and call.computes_once() and not looked_again:
+                # Before the miss is computed: its lease, or its result.
+                taken = self._parts.leases.take(key, None)
+                if taken is not _LOOK_AGAIN:
+                    call.lease = taken
+                    break
+                found, looked_again = self._client.run(self._look_up(call, key)), True
         except Exception as error:
-            self._on_failure("check the cache", error)
+            self._on_failure(_Failure.LOOK_UP, error)
             return False
         if found is None:
             return False
-        if call is not None:
-            _PROCESS.handover.put("found", _Found(self._client.url(key), call.anchors, **found))
+        if call is None:
+            found.close()
+        else:
+            call.found = found
         return True
 
     def _look_up(self, call, key):
-        """The lookup of the result at key for a joblib call (a coroutine)."""
-        loads = call is not None and call.loads_a_hit
-        validates = (
-            call is not None and call.validating
-            and getattr(call.memorized, "cache_validation_callback", None) is not None
-        )
-        code_digest = call.code_digest(self._func_id_of(key)) if call is not None else None
-        copy = self._parts.loads.current_copy(key, code_digest) if loads else None
-        return self._parts.loads.look_up(key, loads, validates, copy, code_digest)
+        """The lookup of the result at key for a call (a coroutine)."""
+        loads = call is not None and call.kind is _Kind.CALL
+        validates = call is not None and call.validates
+        code_digest = call.code_digest() if call is not None else None
+        loads_of = self._parts.loads
+        return loads_of.look_up(key, loads_of.plan(key, loads, validates, code_digest))
 
     def get_metadata(self, call_id):
         # What the lookup of this call fetched for a validation callback, or
         # else fetched only if read: a hit without a callback skips it.
-        call = self._begin("found")
-        key = self._key_of_call(call_id, METADATA)
-        output_url = self._client.url(self._key_of_call(call_id, OUTPUT))
-        found = _PROCESS.handover.take("found", output_url, call, keep=True)
-        if found is not None and found.metadata is not None:
-            return dict(found.metadata)
-        client = self._client
-
-        def fetch():
-            try:
-                return _metadata_of(client.run(client.read(key)))[0]
-            except Exception:
-                return {}
-
-        return _LazyMetadata(fetch)
+        call = self._call_of(call_id)
+        found = call.found if call is not None else None
+        if found is not None and found.key == self._key_of_call(call_id, OUTPUT):
+            if found.metadata is not None:
+                return dict(found.metadata)
+        return _LazyMetadata(functools.partial(
+            self._parts.read_metadata, self._key_of_call(call_id, METADATA)))
 
     def _load_output(self, call_id):
-        call = self._begin("found", "stored")
+        call = self._call_of(call_id)
         key = self._key_of_call(call_id, OUTPUT)
-        url = self._client.url(key)
-        stored = _PROCESS.handover.take("stored", url, call)
-        if stored is not None:
-            return self._parts.loads.reload(stored)
-        found = _PROCESS.handover.take("found", url, call)
+        write = call.write if call is not None else None
+        if write is not None and write.key == key:
+            return write.reload()  # joblib maps the result this call just stored
+        found = call.take("found", key) if call is not None else None
+        code_digest = call.code_digest() if call is not None else None
         started = time.perf_counter()
         try:
-            code_digest = call.code_digest(call_id[0]) if call is not None else None
-            item, opened, last_modified = self._parts.loads.load(key, found, code_digest)
-        except FileNotFoundError:
-            # The words of joblib's own backend.
-            raise KeyError(
-                f"Non-existing item (may have been cleared).\n"
-                f"File {url} does not exist"
-            ) from None
+            item, opened, age = self._parts.loads.load(key, found, code_digest)
+        except Exception as error:
+            raise self._on_failure(_Failure.LOAD, error) from None
         if opened is not None:
             self._report_transfer("Loaded", opened.size, started, key)
-        self._parts.access_records.record(posixpath.dirname(key), last_modified)
+        self._parts.access_records.record(posixpath.dirname(key), age)
         return item
 
     def _report_transfer(self, verb, size, started, key):
         # At verbose >= 10, big transfers say how long they took.
         if self.verbose >= 10 and size > _BIG_TRANSFER:
-            elapsed = max(time.perf_counter() - started, 1e-9)
-            print(
-                f"[Memory] {verb} {size / _MiB:.1f} MiB in {format_time(elapsed)} "
-                f"({size / _MiB / elapsed:.1f} MiB/s): {self._client.url(key)}"
-            )
+            print(_transfer_message(verb, size, started, self._client.url(key)))
 
     if _LOAD_ITEM_TAKES_MSG:
         # Breakpoint: joblib < 1.4 passes a path list and a ready message.
@@ -3150,346 +4097,160 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         def load_item(self, call_id, verbose=1, timestamp=None, metadata=None):
             """Load a cached result; a hit's lookup has fetched its start."""
             if verbose > 1:
-                print(self._load_message(call_id, verbose, timestamp, metadata))
+                url = self._client.url(self._key_of_call(call_id))
+                print(_load_message(call_id, verbose, timestamp, metadata, url))
             return self._load_output(call_id)
-
-        def _load_message(self, call_id, verbose, timestamp, metadata):
-            # The same words as joblib's own backend.
-            elapsed = ""
-            if timestamp is not None:
-                elapsed = "{: <16}".format(format_time(time.time() - timestamp))
-            signature = posixpath.basename(call_id[0])
-            if isinstance(metadata, dict) and isinstance(metadata.get("input_args"), dict):
-                arguments = ", ".join(
-                    f"{name}={value}"
-                    for name, value in metadata["input_args"].items()
-                )
-                signature += f"({arguments})"
-            message = f"[Memory]{elapsed}: Loading {signature}"
-            if verbose < 10:
-                return f"{message}..."
-            return f"{message} from {self._client.url(self._key_of_call(call_id))}"
 
     def dump_item(self, call_id, item, verbose=1):
         # Streamed straight to the final key: no temporary object, no copy.
-        # The upload finishes beside the metadata's PUT (store_metadata).
-        call = self._begin()
-        func_id = call_id[0]
+        # The steps of a write, and their order, are _Write's.
+        call = self._call_of(call_id)
         key = self._key_of_call(call_id, OUTPUT)
-        url = self._client.url(key)
-        anchors = call.anchors if call is not None else frozenset()
-        # joblib maps a result right after storing it when mmap_mode is set.
-        reloads = self.mmap_mode is not None and not (call and call.shelves_a_miss)
-        reloaded = item if reloads else None
-        function = self._function(func_id)
-        if function.off:
-            self._leave_stored(url, anchors, reloaded)
+        write = _Write(self, key, call)
+        if call is not None:
+            if call.write is not None:
+                call.write.close()
+            call.write = write
+        if self._parts.functions.is_off(call_id[0]):
+            write.item = item if self.mmap_mode is not None else None
+            write.stage = _Stage.FAILED
             return
         if verbose > 10:
             print(f"Persisting in {self._client.url(posixpath.dirname(key))}")
-        started = time.perf_counter()
-        new_copy = self._new_copy(key) if reloaded is not None else None
-        code_digest = result_id = None
-        if call is not None:
-            code_digest, result_id = call.code_digest(func_id), uuid.uuid4().hex
-        writer = _MultipartWriter(
-            self._client, key, self.options.part_size, self.options.max_concurrency,
-            copy_to=new_copy.file if new_copy is not None else None,
-            metadata=self._metadata_with(code_digest, result_id),
-        )
-        try:
-            _dump(item, writer, self.compress)
-            committed = writer.commit()
-        except BaseException as error:
-            writer.abort()
-            if new_copy is not None:
-                new_copy.close()
-            if not isinstance(error, Exception):
-                raise  # an interrupt: nothing was published
-            self._leave_stored(url, anchors, reloaded)
-            self._leave_unstored(url, anchors)
-            if error is writer.error:
-                self._on_failure("store a result", error)
-            else:  # the result itself: a warning for each function
-                warnings.warn(
-                    f"Unable to cache {func_id} to S3: its result cannot be "
-                    f"pickled ({type(error).__name__}: {error}). It is "
-                    f"returned but not stored.",
-                    CacheWarning,
-                    stacklevel=2,
-                )
-            return
-        if writer.copy_error is not None and new_copy is not None:
-            self._parts.loads.warn_local(writer.copy_error)
-            new_copy.close()
-            new_copy = None
-        publishing = _Publishing(
-            url, anchors, store=self, future=committed, new_copy=new_copy,
-            code_digest=code_digest, result_id=result_id, item=reloaded,
-            started=started, size=writer.tell(),
-        )
-        _PROCESS.track(publishing.future)
-        if anchors:
-            _PROCESS.handover.put_written(_Written(url, anchors, result_id=result_id))
-        # What is left of the upload goes out beside the metadata's PUT,
-        # which store_metadata sends next, when it is one short request: a
-        # small result's PUT, or the Complete of parts that all went out at
-        # once and were all uploaded (waited for here, so that a failed part
-        # is reported before any metadata is sent). The result id keeps a
-        # metadata.json that lands without its result from making an older
-        # result look new.
-        # Else the upload ends here, as joblib warns of a store_metadata
-        # that takes more than 0.5 s, which the Complete of a large upload
-        # may (moto's takes 0.25 s for 64 MiB).
-        ends_beside = bool(anchors) and (writer.tell() <= _SMALL_RESULT or (
-            writer.in_one_wave and writer.tell() <= _COMPLETE_BESIDE_METADATA
-            and writer.parts_uploaded()
-        ))
-        if ends_beside:
-            _PROCESS.handover.put("publishing", publishing)
-        else:
-            self._finish_publishing(publishing)
-
-    def _metadata_with(self, code_digest, result_id):
-        """The user metadata of a result: the user's own (s3fs's
-        s3_additional_kwargs), the digest of its code and its result id,
-        where known."""
-        ours = {_CODE_DIGEST: code_digest, _RESULT_ID: result_id}
-        ours = {name: value for name, value in ours.items() if value is not None}
-        if not ours:
-            return None
-        own = self.fs.s3_additional_kwargs.get("Metadata") or {}
-        return {**own, **ours}
-
-    def _leave_unstored(self, url, anchors):
-        """Note that the result of this joblib call was not stored."""
-        if anchors:
-            _PROCESS.handover.put("unstored", _Unstored(url, anchors))
-
-    def _leave_stored(self, url, anchors, item, new_copy=None):
-        """Leave a result just stored for joblib's reload of it (mmap_mode)."""
-        if item is not None and anchors:
-            _PROCESS.handover.put("stored", _Stored(url, anchors, item=item, new_copy=new_copy))
-        elif new_copy is not None:
-            new_copy.close()
-
-    def _new_copy(self, key):
-        """A local copy to write beside an upload, or None if none can be."""
-        copies = self._parts.local_copies
-        if copies is None:
-            return None
-        try:
-            return copies.new(key)
-        except OSError as error:
-            self._parts.loads.warn_local(error)
-            return None
-
-    def _finish_publishing(self, publishing, metadata_write=None):
-        """Wait for a result's upload (and the metadata's PUT beside it)."""
-        key = self._key_of_url(publishing.url)
-        func_id = self._func_id_of(key)
-        try:
-            response, failure = publishing.future.result(), None
-        except Exception as error:
-            response, failure = None, error
-        # The function's code write went out beside the result's upload;
-        # its failure turns the function off, and that warning says it all.
-        code_write = _PROCESS.function(self.location, func_id).code_write
-        if code_write is not None:
-            concurrent.futures.wait([code_write])
-        code_failed = self._function(func_id).off
-        if failure is not None:
-            self._leave_unstored(publishing.url, publishing.anchors)
-            if not code_failed:
-                self._on_failure("store a result", failure)
-        new_copy = publishing.new_copy
-        if response is not None:
-            self._report_transfer("Stored", publishing.size, publishing.started, key)
-            self._parts.access_records.written(posixpath.dirname(key))
-        if new_copy is not None:
-            try:
-                if response is None:
-                    raise OSError("the upload failed")
-                new_copy.publish(response["ETag"], publishing.code_digest, publishing.result_id)
-            except OSError as error:
-                if response is not None:
-                    self._parts.loads.warn_local(error)
-                new_copy.close()
-                new_copy = None
-        if metadata_write is not None:
-            try:
-                metadata_write.result()
-            except Exception as error:
-                if not code_failed:
-                    self._on_failure("store metadata", error)
-            else:
-                if failure is not None:
-                    # The metadata went out beside a result that was not
-                    # stored: left, it would date an older result as new,
-                    # and a validation callback (expires_after) would serve
-                    # it. Without it, that result is a miss to the callback.
-                    metadata_key = posixpath.join(posixpath.dirname(key), METADATA)
-                    try:
-                        self._client.call("delete_object", Key=metadata_key)
-                    except Exception as error:
-                        self._on_failure("take back the metadata of a result not stored", error)
-        # joblib maps the result next; its new copy stays held till then.
-        self._leave_stored(publishing.url, publishing.anchors, publishing.item, new_copy)
-
-    def _func_id_of(self, key):
-        """The func_id of a key of a result, <prefix>/<func_id>/<args_id>/<name>."""
-        return posixpath.dirname(posixpath.dirname(key))[len(self.prefix) + 1:]
+        # joblib maps a result right after storing it when mmap_mode is set.
+        write.start(item, reloads=self.mmap_mode is not None and call is not None)
 
     def store_metadata(self, call_id, metadata):
-        call = self._begin("publishing", "stored", "unstored")
-        url = self._client.url(self._key_of_call(call_id, OUTPUT))
-        publishing = _PROCESS.handover.take("publishing", url, call)
-        result_id = _PROCESS.handover.take_written(url, call)
-        function = self._function(call_id[0])
-        if function.off or _PROCESS.handover.take("unstored", url, call):
-            # No metadata for a result that is not stored.
-            if publishing is not None:
-                self._finish_publishing(publishing)
+        call = self._call_of(call_id)
+        key = self._key_of_call(call_id, OUTPUT)
+        write = call.write if call is not None else None
+        if write is not None and write.key == key:
+            write.publish_metadata(metadata)
             return
-        if result_id is not None:
-            metadata = {**metadata, _RESULT_ID_FIELD: result_id}
-        # Beside the result's upload.
-        metadata_write = self._client.submit(
-            "put_object", Key=self._key_of_call(call_id, METADATA),
-            Body=json.dumps(metadata).encode("utf-8"),
-        )
-        if publishing is not None:
-            self._finish_publishing(publishing, metadata_write)
-            return
+        if self._parts.functions.is_off(call_id[0]):
+            return  # no metadata for a result that is not stored
         try:
-            metadata_write.result()
+            self._client.put(self._key_of_call(call_id, METADATA),
+                             json.dumps(metadata).encode("utf-8"))
         except Exception as error:
-            if not self._function(call_id[0]).off:  # else its warning says it all
-                self._on_failure("store metadata", error)
+            self._on_failure(_Failure.STORE_METADATA, error)
 
     def clear_item(self, call_id):
         # The names are known: one DeleteObjects, no listing.
-        call = self._begin()
-        operation = "clear a result"
-        if call is not None and call.validating:
-            operation = "clear an entry that failed validation"
+        call = self._call_of(call_id)
+        failure = _Failure.CLEAR_EXPIRED
+        if call is not None and call.kind.maintains:
+            failure = _Failure.CLEAR_RESULT
+        key = self._key_of_call(call_id, OUTPUT)
+        if call is not None and call.computes_once():
+            # An entry that failed validation is computed again once: by the
+            # writer that takes its lease; the others wait for its result.
+            call.lease_before_computing(key, call.found and call.found.result_id)
+        names = [name for name in _ITEM_NAMES if name != LEASE or call is None or not call.lease]
         try:
-            self._delete(self._key_of_call(call_id, name) for name in _ITEM_NAMES)
+            self._delete(self._key_of_call(call_id, name) for name in names)
         except Exception as error:
-            self._on_failure(operation, error)
+            self._on_failure(failure, error)
 
     def contains_path(self, call_id):
         # joblib's generic version calls a method that does not exist.
-        self._begin()
+        _refuse_loop_thread()
         return self._key_exists(self._key_of_call(call_id))
 
     def clear_path(self, call_id):
         # No existence check first: listing an empty prefix answers that.
-        call = self._begin()
+        call = self._call_of(call_id)
         func_id = call_id[0]
-        if call is not None and call.checking_code:
-            if self._function(func_id).off:
-                return  # the check that turns it back on clears them
-            operation = "clear the results of changed code"
+        if call is not None and call.kind.maintains:
+            failure = _Failure.CLEAR_FUNCTION
+        elif self._parts.functions.is_off(func_id):
+            return  # the check that turns it back on clears them
         else:
-            operation = "clear a function's results"
+            failure = _Failure.CLEAR_CHANGED_CODE
         try:
             self._clear_prefix(self._key_of_call(call_id))
         except Exception as error:
-            self._on_failure(operation, error, func_id)
+            self._on_failure(failure, error, func_id)
 
     def store_cached_func_code(self, call_id, func_code=None):
         # Without code joblib only asks for a folder, which S3 does not need.
         if func_code is None:
             return
-        call = self._begin()
+        call = self._call_of(call_id)
         func_id = call_id[0]
-        function = self._function(func_id)
+        functions = self._parts.functions
+        function = functions.state(func_id)
         function.code = func_code
-        during_a_call = call is not None and call.checking_code
-        if function.off and during_a_call:
-            return  # the check that turns it back on writes it
         key = self._key_of_call(call_id, FUNC_CODE)
-        write = self._client.submit("put_object", Key=key, Body=func_code.encode("utf-8"))
-        if during_a_call:
+        if call is not None and not call.kind.maintains:
+            if function.off:
+                return  # the check that turns it back on writes it
             # The write goes on while the function computes and its results
             # upload: they carry the digest of their code (_CODE_DIGEST), so
             # none is served to a call of other code, written or not.
-            function.code_write = write
-            _PROCESS.track(write)
+            function.code_write = self._client.submit(
+                "put_object", Key=key, Body=func_code.encode("utf-8"))
+            _PROCESS.track(function.code_write)
+            if call.args_id and call.computes_once():
+                # joblib computes next, without a lookup: the lease first.
+                call.lease_before_computing(
+                    self._key_of_call((func_id, call.args_id), OUTPUT), None)
             return
-        try:  # func.clear(): its results are gone, now its code is written
-            write.result()
+        # func.clear() (its results are gone, now its code is written), or
+        # a store used directly: the code is there when this returns.
+        failure = _Failure.STORE_CODE if call is None else _Failure.STORE_CODE_AFTER_CLEAR
+        try:
+            self._client.put(key, func_code.encode("utf-8"))
         except Exception as error:
-            self._on_failure("store function code after a clear", error, func_id)
-        function.off = False
+            self._on_failure(failure, error, func_id)
+            return
+        functions.turn_on(func_id)
 
     def get_cached_func_code(self, call_id):
         # joblib reads an OSError as "no code stored yet" and then stores
         # its code: for a failure other than a missing file, the function's
         # cache goes off first, so that code is not written next to results
-        # of code nobody could check.
-        call = self._begin()
+        # of code nobody could check. A read that succeeds turns it on.
+        call = self._call_of(call_id)
         func_id = call_id[0]
-        function = self._function(func_id)
+        functions = self._parts.functions
         key = self._key_of_call(call_id, FUNC_CODE)
         client = self._client
         # The lookup joblib makes next, when the code is the caller's, goes
         # out beside this read: a hit in a process that did not write the
         # code takes one round trip, not two.
-        output_key = lookup = code_digest = None
-        if call is not None and call.args_id and not function.off:
-            code_digest = call.code_digest(func_id)
-        if code_digest is not None:
+        lookup = None
+        if call is not None and call.args_id and call.code_digest() and not functions.is_off(func_id):
             output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
-            lookup = self._look_up(call, output_key)
+            lookup = _Beside(output_key, client.start(self._look_up(call, output_key)))
         try:
-            code, answer = client.run(self._read_code(key, lookup, code_digest))
-        except FileNotFoundError:
-            raise  # no code stored yet: joblib writes its own next
+            code = _readable_func_code(client.run(client.read(key)))
         except Exception as error:
-            self._on_failure("read function code", error, func_id)
-            raise OSError(f"cannot read {client.url(key)}: {error}") from error
-        if answer is not _NO_ANSWER:
-            # What it found, or its failure (which its retries did not end),
-            # serves the existence check that follows.
-            _PROCESS.handover.put("looked_up", _LookedUp(
-                client.url(output_key), call.anchors,
-                found=None if isinstance(answer, Exception) else answer,
-                error=answer if isinstance(answer, Exception) else None,
-            ))
+            if lookup is not None:
+                lookup.close()
+            if not isinstance(error, FileNotFoundError):
+                self._on_failure(_Failure.READ_CODE, error, func_id)
+                raise OSError(f"cannot read {client.url(key)}: {error}") from error
+            functions.turn_on(func_id)
+            raise  # no code stored yet: joblib writes its own next
+        functions.turn_on(func_id)
+        if lookup is not None and _digest_of_stored_code(code.encode("utf-8")) != call.code_digest():
+            lookup.close()  # joblib will not look this result up
+        elif lookup is not None:
+            concurrent.futures.wait([lookup.future])
+            call.lookup = lookup  # for the existence check that follows
         return code
 
-    async def _read_code(self, key, lookup, code_digest):
-        """func_code.py as joblib compares it, and the answer of the lookup
-        (a coroutine, or None) made beside it: what it found, or its
-        exception, or _NO_ANSWER. A lookup joblib will not make (the code is
-        missing, unreadable, or not the caller's) is let go unawaited."""
-        if lookup is None:
-            return _readable_func_code(await self._client.read(key)), _NO_ANSWER
-        looking = asyncio.ensure_future(lookup)
-        try:
-            code = _readable_func_code(await self._client.read(key))
-        except BaseException:
-            _let_go_of_lookup(looking)
-            raise
-        if _code_digest(joblib.memory.extract_first_line(code)[0]) != code_digest:
-            _let_go_of_lookup(looking)
-            return code, _NO_ANSWER
-        try:
-            return code, await looking
-        except Exception as error:
-            return code, error
-
     def clear(self):
-        self._begin()
+        _refuse_loop_thread()
         try:
             self._clear_prefix(self.prefix)
         except Exception as error:
-            self._on_failure("clear the cache", error)
+            self._on_failure(_Failure.CLEAR_CACHE, error)
 
     def enforce_store_limits(self, bytes_limit, items_limit=None, age_limit=None):
-        """Delete the least recently used results beyond the limits.
+        """Delete the least recently used results beyond the limits, and the
+        leftovers older than ``leftover_age`` (see _Eviction).
 
         One listing and one DeleteObjects per 1000 keys, whatever the number
         of items.
@@ -3497,39 +4258,10 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
         self._evict(bytes_limit, items_limit, age_limit)
 
     def _evict(self, bytes_limit=None, items_limit=None, age_limit=None, dry_run=False):
-        """Delete (or with dry_run only find) the items beyond the limits."""
-        self._begin()
-        if isinstance(bytes_limit, str):
-            bytes_limit = memstr_to_bytes(bytes_limit)
-        if age_limit is not None and age_limit.total_seconds() < 0:
-            raise ValueError("age_limit has to be a positive timedelta")
-        try:
-            listed = self._list_items()
-        except Exception as error:
-            self._on_failure("list the cache", error)
-        # Folders without a result go first; they count as items meanwhile.
-        listed.sort(key=lambda entry: (entry[2], entry[0].last_access))
-        total_size = sum(item.size for item, _, _ in listed)
-        extra_items = 0 if items_limit is None else len(listed) - items_limit
-        extra_bytes = 0 if bytes_limit is None else total_size - bytes_limit
-        deadline = None if age_limit is None else datetime.datetime.now() - age_limit
-
-        doomed = []
-        for item, keys, _ in listed:
-            too_old = deadline is not None and item.last_access < deadline
-            if extra_items <= 0 and extra_bytes <= 0 and not too_old:
-                break
-            if self.verbose > 10:
-                print(f"Deleting item {item}")
-            doomed.append((item, keys))
-            extra_items -= 1
-            extra_bytes -= item.size
-        if not dry_run:
-            try:
-                self._delete(key for _, keys in doomed for key in keys)
-            except Exception as error:
-                self._on_failure("evict results", error)
-        return [item for item, _ in doomed]
+        """Delete (or with dry_run only find) what the limits leave out: an
+        _Evicted."""
+        _refuse_loop_thread()
+        return self._eviction().run(bytes_limit, items_limit, age_limit, dry_run)
 
     if not _HAS_ENFORCE_STORE_LIMITS:
         # Breakpoint: joblib < 1.3 calls reduce_store_size(bytes_limit).
@@ -3538,9 +4270,9 @@ class S3StoreBackend(StoreBackendBase, StoreBackendMixin):
             self.enforce_store_limits(bytes_limit)
 
 
-
 # --------------------------------------------------------------------------
-# 9. Registration
+# 9. Registration: the S3 store by name and by s3:// URL, and the call
+# scopes around joblib's public methods (see _Call).
 # --------------------------------------------------------------------------
 
 
@@ -3564,6 +4296,131 @@ def _route_s3_urls(factory):
     return store_backend_factory
 
 
+_CALL_ATTEMPTS = 3  # runs of one call whose awaited result keeps landing late
+
+
+def _in_call_scope(kind, method):
+    """method, run inside a _Call when its object uses an S3 store.
+
+    A method of the same object called from inside its own call is part of
+    that call when joblib makes it so: joblib < 1.4 computes a miss through
+    call(), and every release clears the results of changed code through
+    clear(). Anything else (a cached function calling itself) is a call of
+    its own. A coroutine (AsyncMemorizedFunc) runs its whole course inside
+    the call. A call whose awaited result landed after joblib decided to
+    compute it (see _Leases) runs again, and loads it.
+    """
+
+    @functools.wraps(method)
+    def in_call_scope(owner, *args, **kwargs):
+        store = getattr(owner, "store_backend", None)
+        if not isinstance(store, S3StoreBackend):
+            return method(owner, *args, **kwargs)
+        outer = _CURRENT_CALL.get()
+        if (outer is not None and outer.owner is owner and not outer.kind.maintains
+                and kind in (_Kind.FORCE, _Kind.CLEAR)):
+            return _joined(outer, kind, method, owner, args, kwargs)
+        for attempt in range(_CALL_ATTEMPTS):
+            call = _Call(kind, owner, store)
+            call.leases_off = attempt + 1 == _CALL_ATTEMPTS
+            token = _CURRENT_CALL.set(call)
+            try:
+                result = method(owner, *args, **kwargs)
+            except _CallAgain:
+                call.close()
+                continue
+            except BaseException:
+                call.close()
+                raise
+            finally:
+                _CURRENT_CALL.reset(token)
+            if inspect.iscoroutine(result) and isinstance(owner, _ASYNC_MEMORIZED_FUNC or ()):
+                return _awaited_in(call, result, method, owner, args, kwargs)
+            return call.ended(result)
+        raise AssertionError("not reached: the last attempt takes no lease")
+
+    in_call_scope.joblib_store_scope = kind
+    return in_call_scope
+
+
+def _joined(call, kind, method, owner, args, kwargs):
+    clearing, call.clearing = call.clearing, call.clearing or kind is _Kind.CLEAR
+    try:
+        return method(owner, *args, **kwargs)
+    finally:
+        call.clearing = clearing
+
+
+async def _awaited_in(call, awaitable, method, owner, args, kwargs):
+    for attempt in range(1, _CALL_ATTEMPTS + 1):
+        token = _CURRENT_CALL.set(call)
+        try:
+            return call.ended(await awaitable)
+        except _CallAgain:
+            call.close()
+        except BaseException:
+            call.close()
+            raise
+        finally:
+            _CURRENT_CALL.reset(token)
+        call = _Call(call.kind, owner, call.store)
+        call.leases_off = attempt + 1 == _CALL_ATTEMPTS
+        token = _CURRENT_CALL.set(call)
+        try:
+            awaitable = method(owner, *args, **kwargs)
+        finally:
+            _CURRENT_CALL.reset(token)
+    raise AssertionError("not reached: the last attempt takes no lease")
+
+
+def _noting_the_args_id(method):
+    """joblib's computation of a call's args_id, noted on the call."""
+
+    @functools.wraps(method)
+    def noting_the_args_id(owner, *args, **kwargs):
+        args_id = method(owner, *args, **kwargs)
+        call = _CURRENT_CALL.get()
+        if call is not None and call.owner is owner and isinstance(args_id, str):
+            call.args_id = args_id
+        return args_id
+
+    noting_the_args_id.joblib_store_scope = "args_id"
+    return noting_the_args_id
+
+
+def _install_call_scopes():
+    """Wrap joblib's public methods in call scopes, once."""
+    memorized_func = joblib.memory.MemorizedFunc
+    for cls, methods in _SCOPED_METHODS.items():
+        names = dict(methods)
+        if issubclass(cls, memorized_func):
+            # A public method joblib adds later is a call that loads nothing
+            # ahead and never raises.
+            names.update({
+                name: "OTHER" for name, value in vars(cls).items()
+                if not name.startswith("_") and inspect.isfunction(value) and name not in names
+            })
+        for name, kind in names.items():
+            method = vars(cls).get(name)
+            if inspect.isfunction(method) and not hasattr(method, "joblib_store_scope"):
+                setattr(cls, name, _in_call_scope(_Kind[kind], method))
+    if _ARGS_ID_METHOD is not None:
+        method = vars(memorized_func)[_ARGS_ID_METHOD]
+        if not hasattr(method, "joblib_store_scope"):
+            setattr(memorized_func, _ARGS_ID_METHOD, _noting_the_args_id(method))
+
+
+def _warn_of_what_joblib_lacks():
+    """Say once what the installed joblib costs, where it lacks what the
+    store relies on for speed."""
+    if _ARGS_ID_METHOD is None:
+        _warn_once(("joblib", None, "args_id"), (
+            f"joblib {joblib.__version__} has no MemorizedFunc._get_args_id (nor "
+            f"_get_argument_hash): a hit in a process that did not write the "
+            f"function's code takes two round trips instead of one. Results "
+            f"stay right."), stacklevel=4)
+
+
 def register_s3_store_backend():
     """Register the S3 store with joblib; calling it again does nothing.
 
@@ -3575,11 +4432,12 @@ def register_s3_store_backend():
     if not getattr(factory, "routes_s3_urls", False):
         # joblib picks a backend by name only; this one routes s3:// URLs.
         joblib.memory._store_backend_factory = _route_s3_urls(factory)
+    _install_call_scopes()
 
 
 # Importing the module registers it: a worker that unpickles a store, a
 # cached function or a MemorizedResult imports this module, and so routes
-# s3:// locations to S3 without any call of its own.
+# s3:// locations to S3, and scopes joblib's calls, without a call of its own.
 register_s3_store_backend()
 
 
@@ -3675,6 +4533,8 @@ def _open_store(url, arguments):
         options["endpoint_url"] = arguments.endpoint_url
     if arguments.profile:
         options["profile"] = arguments.profile
+    if getattr(arguments, "leftover_age", None) is not None:
+        options["leftover_age"] = arguments.leftover_age
     location = url.rstrip("/")
     if not location.endswith("/joblib"):
         location += "/joblib"  # where Memory(url) keeps its cache
@@ -3724,32 +4584,51 @@ def _command_prune(arguments):
     if arguments.bytes_limit is None and arguments.items_limit is None and arguments.age_limit is None:
         raise _UsageError("prune needs --bytes-limit, --items-limit or --age-limit")
     store = _open_store(arguments.location, arguments)
-    removed = store._evict(
+    evicted = store._evict(
         bytes_limit=arguments.bytes_limit,
         items_limit=arguments.items_limit,
         age_limit=arguments.age_limit,
         dry_run=arguments.dry_run,
     )
     verb = "would remove" if arguments.dry_run else "removed"
-    for item in removed:
+    for entry in evicted.items:
+        item = entry.item
         print(f"{verb} {item.path} ({item.size} bytes, last access "
               f"{item.last_access.isoformat(' ', 'seconds')})")
-    print(f"{verb} {len(removed)} items, {sum(item.size for item in removed)} bytes")
+    for entry in evicted.leftovers:
+        print(f"{verb} {entry.item.path}: no result, {entry.item.size} bytes, "
+              f"{entry.age / 3600:.1f} h old")
+    for upload in evicted.uploads:
+        print(f"{'would abort' if arguments.dry_run else 'aborted'} the incomplete upload of "
+              f"s3://{store.bucket}/{upload['Key']} (begun {upload['Initiated'].isoformat(' ', 'seconds')})")
+    print(f"{verb} {len(evicted.items)} items, {sum(e.item.size for e in evicted.items)} bytes"
+          + (f"; {len(evicted.leftovers)} leftovers" if evicted.leftovers else "")
+          + (f"; {len(evicted.uploads)} incomplete uploads" if evicted.uploads else ""))
+
+
+def _functions_named(store, items, name):
+    """The cached functions a --function NAME means: the one whose full id
+    it is, or else the only one whose last name it is."""
+    functions = sorted({_function_of(store, item) for item in items})
+    if name in functions:
+        return [name]
+    matching = [function for function in functions if function.rpartition("/")[2] == name]
+    if not matching:
+        raise _UsageError(f"no cached function named {name!r} in {store.location}")
+    if len(matching) > 1:
+        raise _UsageError(
+            f"{name!r} names {len(matching)} cached functions: {', '.join(matching)}; "
+            f"give one of these full ids")
+    return matching
 
 
 def _command_clear(arguments):
     store = _open_store(arguments.location, arguments)
     items = store.get_items()
     if arguments.function:
-        items = [
-            item for item in items
-            if _function_of(store, item) == arguments.function
-            or _function_of(store, item).rpartition("/")[2] == arguments.function
-        ]
-        functions = sorted({_function_of(store, item) for item in items})
-        if not functions:
-            raise _UsageError(f"no cached function named {arguments.function!r} in {store.location}")
-        target = ", ".join(functions)
+        functions = _functions_named(store, items, arguments.function)
+        items = [item for item in items if _function_of(store, item) in functions]
+        target = functions[0]
     else:
         target = store.location
     if not arguments.yes:
@@ -3760,12 +4639,10 @@ def _command_clear(arguments):
         if answer.strip().lower() not in ("y", "yes"):
             print("nothing deleted")
             return
+    _progress(f"clearing {target} ...")
     if arguments.function:
-        for name in functions:
-            _progress(f"clearing {name} ...")
-            store.clear_location(f"{store.location}/{name}")
+        store.clear_location(f"{store.location}/{target}")
     else:
-        _progress(f"clearing {store.location} ...")
         store.clear_location(store.location)
     print(f"deleted {len(items)} items of {target}")
 
@@ -3774,7 +4651,8 @@ class _UsageError(Exception):
     """A command line that cannot be carried out as given (exit status 2)."""
 
 
-def _main(argv=None):
+def _parser():
+    """The command line's arguments."""
     import argparse
 
     parser = argparse.ArgumentParser(
@@ -3799,11 +4677,15 @@ def _main(argv=None):
     prune.add_argument("--bytes-limit", type=_parse_bytes, help="such as 10G, 500M or 1000000")
     prune.add_argument("--items-limit", type=int)
     prune.add_argument("--age-limit", type=_parse_age, help="such as 30d, 12h or 45m")
+    prune.add_argument("--leftover-age", type=_parse_age,
+                       help="remove entries without a result, and abort incomplete "
+                            "uploads, older than this (default 1d)")
     prune.add_argument("--dry-run", action="store_true", help="only print what would go")
 
     clear = commands.add_parser("clear", parents=[shared], help="delete cached results")
     clear.add_argument("location")
-    clear.add_argument("--function", help="only this function (its name or full id)")
+    clear.add_argument("--function", help="only this function: its full id (module/name), "
+                       "or its name if no other function has it")
     clear.add_argument("--yes", action="store_true", help="do not ask for confirmation")
 
     demo = commands.add_parser(
@@ -3814,7 +4696,11 @@ def _main(argv=None):
         "AWS account.",
     )
     demo.add_argument("location", nargs="?", help="s3://bucket/prefix to use")
+    return parser
 
+
+def _main(argv=None):
+    parser = _parser()
     arguments = parser.parse_args(argv)
     command = {"ls": _command_ls, "prune": _command_prune, "clear": _command_clear}
     try:

@@ -12,6 +12,9 @@ from run to run:
   process, miss of a function already seen, first miss of a new function),
   in multiples of one GET of a tiny object over the same link, measured in
   the same process;
+* the added cost of a miss with ``compute_once``, and a dogpile: 8
+  processes calling the same 16 slow calls (1 s each) in orders of their
+  own, with and without ``compute_once`` (wall time and computations);
 * storing and loading a large array (64 and 256 MiB of random float64,
   compress 0 and 3): a cached call of joblib_store, against what a user
   would do by hand with boto3's TransferManager at its defaults
@@ -21,7 +24,7 @@ from run to run:
   own limit, the size over the total rate.
 
     python benchmarks/bench_link.py [--runs 3] [--rtt 20] [--per-connection 16]
-        [--total 128] [--sizes 64MiB,256MiB] [--no-calls]
+        [--total 128] [--sizes 64MiB,256MiB] [--no-calls] [--dogpile 8x16]
 
 moto closes every connection after one response, so each request opens a
 new connection, which the relay does not charge for: connection reuse
@@ -102,7 +105,55 @@ def measure_calls(spec):
     results["miss of a function already seen"] = timed(lambda: cached(2))
     hits = [timed(lambda: cached(2)) for _ in range(5)]
     results["warm hit"] = statistics.median(hits)
+    once = Memory(location, verbose=0, backend_options={**options, "compute_once": 60})
+    cached_once = once.cache(tiny_function)
+    cached_once(3)  # the probe of conditional writes, made once per process
+    results["miss with compute_once"] = timed(lambda: cached_once(4))
     return results
+
+
+def slow_function(x):
+    """A call of the dogpile: 1 s, noted in DOGPILE_LOG."""
+    with open(os.environ["DOGPILE_LOG"], "a") as log:
+        log.write(f"{x}\n")
+    time.sleep(1.0)
+    return x * x
+
+
+def dogpile_worker(location, options, calls, seed):
+    import random
+
+    from joblib import Memory
+
+    import joblib_store  # noqa: F401
+
+    cached = Memory(location, verbose=0, backend_options=options).cache(slow_function)
+    order = list(range(calls))
+    random.Random(seed).shuffle(order)
+    return all(cached(x) == x * x for x in order)
+
+
+def measure_dogpile(endpoint, bucket, processes, calls, compute_once):
+    """Wall time and computations of processes calling the same calls."""
+    import multiprocessing
+
+    log = os.path.join(tempfile.mkdtemp(), "computed.log")
+    open(log, "w").close()
+    os.environ["DOGPILE_LOG"] = log
+    options = {"endpoint_url": endpoint}
+    if compute_once:
+        options["compute_once"] = 60
+    location = f"s3://{bucket}/dogpile-{uuid.uuid4().hex[:8]}"
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(processes) as pool:
+        pool.map(time.sleep, [0.5] * processes)  # the workers are up before the clock starts
+        started = time.perf_counter()
+        right = pool.starmap(dogpile_worker, [(location, options, calls, seed)
+                                              for seed in range(processes)])
+        seconds = time.perf_counter() - started
+    assert all(right)
+    with open(log) as computed:
+        return seconds, len(computed.read().split())
 
 
 def measure_transfer(spec):
@@ -188,7 +239,8 @@ def report_calls(endpoint, bucket, runs):
             seconds.setdefault(name, []).append(value)
             ratios.setdefault(name, []).append(value / results["one GET"])
     for name in ("one GET", "warm hit", "hit in a fresh process",
-                 "miss of a function already seen", "first miss of a new function"):
+                 "miss of a function already seen", "first miss of a new function",
+                 "miss with compute_once"):
         print(f"{name:<34} {statistics.median(seconds[name]) * 1000:6.1f}ms "
               f"{statistics.median(ratios[name]):9.2f}x {spread(ratios[name]):>12}")
 
@@ -223,6 +275,19 @@ def report_transfers(endpoint, bucket, runs, sizes, total_mbps, label):
                           f"{median / anchor:8.2f}x {median / limit:8.2f}x")
 
 
+def report_dogpile(endpoint, bucket, runs, shape):
+    processes, calls = (int(part) for part in shape.split("x"))
+    print(f"\nA dogpile: {processes} processes call the same {calls} calls of 1 s each, "
+          f"each in its own order (median of {runs})")
+    print(f"{'compute_once':<13} {'wall':>8} {'range':>13} {'computations':>13}")
+    for compute_once in (False, True):
+        measured = [measure_dogpile(endpoint, bucket, processes, calls, compute_once)
+                    for _ in range(runs)]
+        walls = [wall for wall, _ in measured]
+        print(f"{str(compute_once):<13} {statistics.median(walls):7.2f}s {spread(walls):>13} "
+              f"{'/'.join(str(count) for _, count in measured):>13}")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--runs", type=int, default=3)
@@ -231,6 +296,7 @@ def main():
     parser.add_argument("--total", type=float, default=128.0, help="MB/s")
     parser.add_argument("--sizes", default=",".join(SIZES))
     parser.add_argument("--no-calls", action="store_true")
+    parser.add_argument("--dogpile", default="", help="PROCESSESxCALLS, such as 8x16")
     arguments = parser.parse_args()
     os.environ.update(ENVIRONMENT)
 
@@ -253,6 +319,8 @@ def main():
                   f"Python {sys.version.split()[0]}")
             if not arguments.no_calls:
                 report_calls(endpoint, "bench-link", arguments.runs)
+            if arguments.dogpile:
+                report_dogpile(endpoint, "bench-link", arguments.runs, arguments.dogpile)
             sizes = [size for size in arguments.sizes.split(",") if size]
             if sizes:
                 report_transfers(endpoint, "bench-link", arguments.runs, sizes,
