@@ -741,6 +741,13 @@ def _start_afresh():
     global _PROCESS
     parent = _PROCESS
     _PROCESS = _ProcessState()
+    # Breakpoint: fsspec < 2025.3.1 keeps, in a forked child, the parent's
+    # event loop, whose thread the child does not have: its first request
+    # would wait for ever. Later releases start afresh by themselves.
+    fsspec_asyn = sys.modules.get("fsspec.asyn")
+    if fsspec_asyn is not None and not hasattr(fsspec_asyn, "reset_after_fork"):
+        fsspec_asyn.loop[0] = fsspec_asyn.iothread[0] = None
+        fsspec_asyn.reset_lock()
     _PROCESS.options_by_bucket = dict(parent.options_by_bucket)
     for name, function in parent.functions.items():
         _PROCESS.functions[name] = _FunctionState(
@@ -3374,6 +3381,12 @@ class _Leases:
     def available(self):
         """Whether the server honours conditional writes: probed once per
         bucket and endpoint in this process, and said once where it does not."""
+        if not _botocore_writes_conditionally():
+            _warn_once(("compute_once", "botocore"), (
+                "compute_once needs a botocore whose PutObject takes IfNoneMatch and "
+                "IfMatch (releases of late 2024 on): with this one, calls compute as "
+                "without it. Upgrade aiobotocore, and so botocore, to use it."), stacklevel=6)
+            return False
         checked = (self.client.bucket, self.client.endpoint)
         known = _PROCESS.conditional_writes.get(checked)
         if known is None:
@@ -3392,6 +3405,7 @@ class _Leases:
     def _probe(self):
         key = f"{self._prefix}/{_PROBE}"
         client = self.client
+
         def refused(**condition):
             return _honours(client, "put_object", Key=key, Body=b"", **condition)
 
@@ -3521,6 +3535,17 @@ class _Leases:
             delay = min(delay * 2, _POLL_MOST, lease.lifetime / 3)
             lease = self._read(lease_key)
         return lease
+
+
+@functools.lru_cache(maxsize=None)
+def _botocore_writes_conditionally():
+    """Whether the installed botocore's PutObject takes IfNoneMatch and
+    IfMatch (Breakpoint: botocore releases before late 2024 know neither)."""
+    import botocore.session
+
+    model = botocore.session.get_session().get_service_model("s3")
+    members = model.operation_model("PutObject").input_shape.members
+    return "IfNoneMatch" in members and "IfMatch" in members
 
 
 def _honours(client, method, **kwargs):

@@ -19,7 +19,7 @@ setup(
     license="BSD-3-Clause",
     py_modules=["joblib_store"],
     python_requires=">=3.10",
-    install_requires=["joblib>=1.2", "s3fs"],
+    install_requires=["joblib>=1.2", "s3fs>=2023.4.0"],
     extras_require={
         "test": ["pytest", "moto[server]", "numpy", "dask[distributed]"],
         "demo": ["moto[server]", "numpy"],
