@@ -3479,7 +3479,7 @@ class _Leases:
             if lease is None:
                 continue  # gone meanwhile: try again
             if lease.state == "computing" and not lease.expired:
-                lease = self._wait(lease_key, lease)
+                lease = self._wait(lease_key, lease, local)
                 if lease is None:
                     return _LOOK_AGAIN  # gone: its result may be there
             if lease.state == "done" and lease.result_id != seen_result_id and not looked_again:
@@ -3526,14 +3526,17 @@ class _Leases:
         return _LeaseSeen(state, response.get("ETag"), self.lifetime if age is None else age,
                           lifetime, lease.get("result_id"))
 
-    def _wait(self, lease_key, lease):
+    def _wait(self, lease_key, lease, local):
         """Look at another writer's lease with backoff and jitter until it
-        is no longer computing, or expired; return it then (None: gone)."""
+        is no longer computing, or expired; return it then (None: gone).
+        A lease seen alive is progress for the threads waiting here (a
+        renewal rewrites the same body, so its ETag does not change)."""
         delay = _POLL_FIRST
         while lease is not None and lease.state == "computing" and not lease.expired:
             time.sleep(delay * random.uniform(0.75, 1.25))
             delay = min(delay * 2, _POLL_MOST, lease.lifetime / 3)
             lease = self._read(lease_key)
+            local.renewed += 1
         return lease
 
 

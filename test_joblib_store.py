@@ -33,6 +33,7 @@ import types
 import urllib.parse
 import uuid
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from collections import Counter
 from contextlib import contextmanager
 
@@ -4323,6 +4324,30 @@ def test_a_holder_killed_mid_computation_is_taken_over_after_its_lifetime(
     waited = time.monotonic() - started
     assert 1.0 < waited < 8, waited  # for the lease to expire (2 s, by the server's clock)
     assert computations(computed_log) == ["4", "4"]
+
+
+@needs_conditional_writes
+def test_threads_waiting_for_a_long_computation_elsewhere_wait_while_it_is_renewed(
+        location, computed_log, monkeypatch):
+    # Another process computes for 3 lifetimes and renews its lease; here one
+    # thread looks at that lease, and the others wait for that one.
+    holder = subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(killed_holder_program(location, computed_log)
+                                               .replace('"60"', '"6"'))],
+        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
+    try:
+        deadline = time.monotonic() + 60
+        while computations(computed_log) != ["4"]:
+            assert time.monotonic() < deadline and holder.poll() is None, "no computation began"
+            time.sleep(0.05)
+        cached = Memory(location, verbose=0, backend_options={"compute_once": 2}).cache(
+            slow_square)
+        with no_warnings(), ThreadPoolExecutor(3) as pool:
+            assert list(pool.map(cached, [4, 4, 4])) == [16, 16, 16]
+    finally:
+        holder.wait(60)
+    assert holder.returncode == 0
+    assert computations(computed_log) == ["4"]
 
 
 @needs_conditional_writes
