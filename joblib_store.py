@@ -283,6 +283,7 @@ DEFAULT_ACCESS_INTERVAL = 3600  # seconds between two access records of a result
 DEFAULT_LOCAL_CACHE_BYTES_LIMIT = 10 * 2**30
 DEFAULT_LEFTOVER_AGE = 86400  # seconds before eviction removes leftovers
 DEFAULT_LEASE_LIFETIME = 60  # seconds, for compute_once=True
+_MOST_LEASE_LIFETIME = 86400  # seconds: longer leases would only delay a takeover
 
 # Options of ours, next to joblib's own (compress, mmap_mode) and the
 # keywords of s3fs.S3FileSystem, which are read from s3fs itself.
@@ -465,6 +466,11 @@ def _checked_storage_options(given, direct):
             raise ValueError(
                 f"endpoint_url {shown!r} is not an http:// or https:// URL: write it as "
                 f"'https://host[:port]'")
+        if endpoint is not None and "@" in endpoint:
+            # Never echoed: what stands before the "@" may be a key and secret.
+            raise ValueError(
+                "endpoint_url cannot carry credentials ('http://...@host'): give them "
+                "as key and secret in backend_options, or through the AWS chain")
     return storage_options
 
 
@@ -531,7 +537,8 @@ def _parse_location(location, bucket=None):
 def _split_s3_url(location, bucket):
     """The bucket and prefix of an s3:// URL (bucket: the option's, if given)."""
     url_bucket, _, prefix = location[5:].partition("/")
-    if "@" in url_bucket:
+    if "@" in url_bucket or ":" in url_bucket:
+        # A bucket name holds no ":", but a secret key may hold a "/".
         # Never echoed: what stands before the "@" may be a key and secret.
         raise ValueError(
             "an s3:// location cannot carry credentials ('...@bucket'): give them "
@@ -610,7 +617,9 @@ def _checked_folder(folder):
             f"{type(folder).__name__}") from None
     if not isinstance(path, str):
         raise TypeError("local_cache_dir must be a str path, not bytes: decode it first")
-    return path
+    if not path:
+        raise ValueError("local_cache_dir is empty: give a folder, or leave it out")
+    return os.path.expanduser(path)
 
 
 def _lease_lifetime(compute_once):
@@ -624,8 +633,10 @@ def _lease_lifetime(compute_once):
         raise TypeError(f"compute_once must be True, False, or a lease's lifetime in "
                         f"seconds, not {type(compute_once).__name__}")
     lifetime = _seconds("compute_once", compute_once)
-    if lifetime < 1:
-        raise ValueError(f"compute_once={compute_once} is too short: a lease lives 1 s or more")
+    if not 1 <= lifetime <= _MOST_LEASE_LIFETIME:
+        raise ValueError(
+            f"compute_once={compute_once} is out of range: a lease lives 1 s to one day "
+            f"({_MOST_LEASE_LIFETIME} s; a holder renews it for as long as it computes)")
     return float(lifetime)
 
 
@@ -1185,13 +1196,13 @@ class _BucketClient:
             return PermissionError(
                 f"{where} belongs to another account: choose another name"
             )
-        return OSError(f"cannot use {where}: {error}")
+        return OSError(f"cannot use {where}: {_said(error)}")
 
     def error(self, operation, error):
         """The exception a maintenance command raises for a failed request."""
         message = (
             f"could not {operation} in {self.location} (bucket {self.bucket!r} "
-            f"at endpoint {self.endpoint}): {type(error).__name__}: {error}"
+            f"at endpoint {self.endpoint}): {_said(error)}"
         )
         if _is_missing(error):
             return FileNotFoundError(message)
@@ -1380,6 +1391,15 @@ def _warn_once(key, message, stacklevel):
             return
         _PROCESS.warned.add(key)
     warnings.warn(message, CacheWarning, stacklevel=stacklevel + 1)
+
+
+_USERINFO = re.compile(r"(\b[a-z][a-z0-9+.-]*://)[^\s@'\"`]*@", re.IGNORECASE)
+
+
+def _said(error):
+    """An error as a message may show it: without the user and password of
+    any URL in its text (botocore repeats a URL it refuses, whole)."""
+    return _USERINFO.sub(r"\1", f"{type(error).__name__}: {error}")
 
 
 def _without_userinfo(url):
@@ -3344,6 +3364,19 @@ class _Held:
         self._leases.end_local(self.key, self._local)
 
 
+class _HeldHere:
+    """A call that computes without the lease it could not take in S3: the
+    other threads of this process still wait for it, not compute beside it."""
+
+    def __init__(self, leases, key, local):
+        self.key = key
+        self._leases = leases
+        self._local = local
+
+    def close(self, result_id=None):
+        self._leases.end_local(self.key, self._local)
+
+
 class _Leases:
     """compute_once for one store: a miss takes a lease on its call before
     computing it, so that the writers that meet the same miss at once, in
@@ -3426,7 +3459,7 @@ class _Leases:
     def take(self, key, seen_result_id, looked_again=False):
         """Take the lease on the call whose result is key, before computing
         it: a _Held, _LOOK_AGAIN (its holder finished: look for its result),
-        or None (compute without a lease: it failed, or is not available).
+        or a _HeldHere (compute without a lease in S3: taking it failed).
 
         ``seen_result_id`` names the result the caller's lookup found (one
         that failed validation), or None if it found none; ``looked_again``
@@ -3442,7 +3475,9 @@ class _Leases:
         except Exception as error:
             self.on_failure(_Failure.TAKE_LEASE, error)
             held = None
-        if not isinstance(held, _Held):
+        if held is None:
+            return _HeldHere(self, lease_key, local)
+        if held is _LOOK_AGAIN:
             self.end_local(lease_key, local)
         return held
 
@@ -3629,7 +3664,7 @@ class _StoreParts:
         outcome = _FAILURE_POLICY[failure]
         client = self.client
         where = f"{client.location} (bucket {client.bucket!r} at endpoint {client.endpoint})"
-        what = f"{type(error).__name__}: {error}"
+        what = _said(error)
         _log.info("could not %s in %s: %s (%s)", failure.value, where, what, outcome.name)
         if outcome in (_Outcome.OFF, _Outcome.RAISE_AND_OFF):
             self.functions.turn_off(func_id, f"it could not {failure.value} in {where}: {what}")
@@ -3818,6 +3853,9 @@ class _Eviction:
             bytes_limit = memstr_to_bytes(bytes_limit)
         if age_limit is not None and age_limit.total_seconds() < 0:
             raise ValueError("age_limit has to be a positive timedelta")
+        for name, limit in (("bytes_limit", bytes_limit), ("items_limit", items_limit)):
+            if limit is not None and limit < 0:  # would remove every result
+                raise ValueError(f"{name}={limit} is negative: give 0 or more")
         try:
             doomed = self.find(bytes_limit, items_limit, age_limit)
         except Exception as error:
@@ -4543,6 +4581,13 @@ def _parse_age(text):
     return datetime.timedelta(**{units[match.group(2)]: float(match.group(1))})
 
 
+def _parse_count(text):
+    """A number of items: 0 or more."""
+    if not text.strip().isdigit():
+        raise ValueError(f"count {text!r} is not a whole number, 0 or more")
+    return int(text)
+
+
 def _parse_bytes(text):
     """'10G', '500M', '50K' or a plain number of bytes."""
     text = text.strip()
@@ -4703,7 +4748,7 @@ def _parser():
         help="remove the least recently used results, as Memory.reduce_size")
     prune.add_argument("location")
     prune.add_argument("--bytes-limit", type=_parse_bytes, help="such as 10G, 500M or 1000000")
-    prune.add_argument("--items-limit", type=int)
+    prune.add_argument("--items-limit", type=_parse_count)
     prune.add_argument("--age-limit", type=_parse_age, help="such as 30d, 12h or 45m")
     prune.add_argument("--leftover-age", type=_parse_age,
                        help="remove entries without a result, and abort incomplete "
