@@ -4309,33 +4309,36 @@ def test_a_miss_with_compute_once_costs_the_leases_two_puts_and_a_hit_nothing(
     assert hit == Counter({"GetObject": 1, "HeadObject": 1}), hit
 
 
-def killed_holder_program(location, log):
-    return f"""
+def holder_computing(location, log, seconds):
+    """Another process that computes slow_square(4), with 2 s leases, for
+    seconds; returned once its computation began."""
+    program = f"""
         import os
         os.environ["COMPUTED_LOG"] = {str(log)!r}
         from joblib import Memory
         import test_joblib_store as t
-        os.environ["SLOW_SECONDS"] = "60"
+        os.environ["SLOW_SECONDS"] = "{seconds}"
         cached = Memory({location!r}, verbose=0, backend_options={{"compute_once": 2}}).cache(
             t.slow_square)
         cached(4)
     """
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(program)],
+                              cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
+    deadline = time.monotonic() + 60
+    while computations(log) != ["4"]:
+        if time.monotonic() > deadline or holder.poll() is not None:
+            holder.kill()
+            raise AssertionError("no computation began")
+        time.sleep(0.05)
+    return holder
 
 
 @needs_conditional_writes
 def test_a_holder_killed_mid_computation_is_taken_over_after_its_lifetime(
         location, s3_server, computed_log, monkeypatch):
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(killed_holder_program(location, computed_log))],
-        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
-    try:
-        deadline = time.monotonic() + 60
-        while computations(computed_log) != ["4"]:
-            assert time.monotonic() < deadline and holder.poll() is None, "no computation began"
-            time.sleep(0.05)
-        os.kill(holder.pid, signal.SIGKILL)  # as a lost spot instance: nothing runs after
-    finally:
-        holder.wait(30)
+    holder = holder_computing(location, computed_log, 60)
+    os.kill(holder.pid, signal.SIGKILL)  # as a lost spot instance: nothing runs after
+    holder.wait(30)
     monkeypatch.setenv("SLOW_SECONDS", "0.1")
     cached = Memory(location, verbose=0, backend_options={"compute_once": 2}).cache(slow_square)
     started = time.monotonic()
@@ -4351,15 +4354,8 @@ def test_threads_waiting_for_a_long_computation_elsewhere_wait_while_it_is_renew
         location, computed_log, monkeypatch):
     # Another process computes for 3 lifetimes and renews its lease; here one
     # thread looks at that lease, and the others wait for that one.
-    holder = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(killed_holder_program(location, computed_log)
-                                               .replace('"60"', '"6"'))],
-        cwd=HERE, env={**os.environ, "PYTHONPATH": HERE})
+    holder = holder_computing(location, computed_log, 6)
     try:
-        deadline = time.monotonic() + 60
-        while computations(computed_log) != ["4"]:
-            assert time.monotonic() < deadline and holder.poll() is None, "no computation began"
-            time.sleep(0.05)
         cached = Memory(location, verbose=0, backend_options={"compute_once": 2}).cache(
             slow_square)
         with no_warnings(), ThreadPoolExecutor(3) as pool:
