@@ -76,6 +76,7 @@ Copyright (c) 2026, the joblib-store developers. BSD 3-clause licence.
 __all__ = ["S3StoreBackend", "register_s3_store_backend"]
 __version__ = "0.3.0"
 
+import argparse
 import asyncio
 import bisect
 import collections
@@ -87,6 +88,7 @@ import datetime
 import enum
 import functools
 import hashlib
+import importlib.machinery
 import inspect
 import io
 import itertools
@@ -102,6 +104,7 @@ import stat
 import sys
 import threading
 import time
+import types
 import uuid
 import warnings
 import weakref
@@ -306,7 +309,8 @@ _MMAP_MODES = (None, "r", "r+", "w+", "c")
 # with (as a bare TypeError or ValueError), or reach S3 as something else.
 _STORAGE_OPTION_TYPES = {
     "endpoint_url": str, "key": str, "secret": str, "token": str, "profile": str,
-    "anon": bool, "requester_pays": bool, "use_ssl": bool,
+    "anon": bool, "requester_pays": bool, "use_ssl": bool, "version_aware": bool,
+    "cache_regions": bool, "skip_instance_cache": bool, "use_listings_cache": bool,
     "client_kwargs": dict, "config_kwargs": dict, "s3_additional_kwargs": dict,
 }
 
@@ -424,7 +428,12 @@ def _checked_tuning(ours):
     """Our options and joblib's, checked, as fields of _StoreOptions."""
     bytes_limit = ours.get("local_cache_bytes_limit", DEFAULT_LOCAL_CACHE_BYTES_LIMIT)
     if isinstance(bytes_limit, str):
-        bytes_limit = memstr_to_bytes(bytes_limit)
+        try:
+            bytes_limit = memstr_to_bytes(bytes_limit)
+        except ValueError:
+            raise ValueError(
+                f"local_cache_bytes_limit={bytes_limit!r} is not a size: give a number of "
+                f"bytes, or a string such as '500M' or '2G'") from None
     mmap_mode = ours.get("mmap_mode")
     if mmap_mode not in _MMAP_MODES:
         raise ValueError(f"mmap_mode={mmap_mode!r} is not valid: use one of {_MMAP_MODES}")
@@ -2963,6 +2972,11 @@ class _Call:
                 self._code_digest = _digest_of_function(self.owner)
         return self._code_digest
 
+    def runs_stale_code(self):
+        """Whether the call's function runs other code than its source now
+        says (see _STALE_DIGESTS): no result is served to it or stored."""
+        return self.kind is not _Kind.GET and self.code_digest() in _STALE_DIGESTS
+
     def computes_once(self):
         """Whether a miss of this call takes a lease before it computes."""
         leases = self.store._parts.leases
@@ -3030,8 +3044,94 @@ def _digest_of_function(memorized):
         except Exception:
             return None
     digest = _code_digest(func_code) if isinstance(func_code, str) else None
+    if digest is not None and not _runs_its_source(func, func_code):
+        digest = _stale_digest(memorized, func)
     with contextlib.suppress(TypeError):
         _CODE_DIGESTS[func] = (code_id, digest)
+    return digest
+
+
+# A module edited on disk after its import and before a function's first
+# cached call: joblib then reads the new source while the function runs the
+# old bytecode, and a result of the old code would be stored under the new
+# code's digest, for every process of the new code to be served (joblib's
+# own local store does the same). Where the source joblib read compiles,
+# and not to the code the function runs, the function's calls get a digest
+# of their own instead: no result is served to them or stored from them in
+# this process, until the module is reloaded.
+_STALE_DIGESTS = set()
+
+
+def _runs_its_source(func, source):
+    """Whether the source joblib read of func is that of the code func runs;
+    True where that cannot be told (no source file to read)."""
+    code = getattr(func, "__code__", None)
+    module = sys.modules.get(getattr(func, "__module__", None))
+    if (not isinstance(code, types.CodeType) or getattr(module, "__file__", None) != code.co_filename
+            or not isinstance(getattr(module, "__loader__", None), importlib.machinery.SourceFileLoader)):
+        return True  # no file, or one an import hook may rewrite (pytest's asserts)
+    try:  # read as joblib reads it
+        with joblib.func_inspect.open_py_source(code.co_filename) as file:
+            text = file.read()
+    except Exception:
+        return True
+    # The whole file is compiled: a function compiles otherwise on its own
+    # (a method, a closure, a call on a module imported beside it).
+    if source not in text:
+        return False  # the file changed again since joblib read it
+    compiled = _compiled(code.co_filename, text)
+    if compiled is None:
+        return True
+    return any(_same_code(namesake, code) for namesake in _codes_in(compiled)
+               if namesake.co_name == code.co_name
+               and namesake.co_firstlineno == code.co_firstlineno)
+
+
+@functools.lru_cache(maxsize=4)
+def _compiled(filename, text):
+    """The code of a source file's text, or None if it does not compile."""
+    try:
+        return compile(text, filename, "exec", dont_inherit=True)
+    except Exception:
+        return None
+
+
+def _codes_in(code):
+    """The code objects that code holds, at any depth."""
+    for constant in code.co_consts:
+        if isinstance(constant, types.CodeType):
+            yield constant
+            yield from _codes_in(constant)
+
+
+def _same_code(one, other):
+    """Whether two code objects run the same instructions on the same names
+    and constants (wherever their lines are)."""
+    if (one.co_code, one.co_names, one.co_varnames, one.co_argcount, one.co_kwonlyargcount) != (
+            other.co_code, other.co_names, other.co_varnames, other.co_argcount,
+            other.co_kwonlyargcount) or len(one.co_consts) != len(other.co_consts):
+        return False
+    for mine, theirs in zip(one.co_consts, other.co_consts):
+        if isinstance(mine, types.CodeType) and isinstance(theirs, types.CodeType):
+            if not _same_code(mine, theirs):
+                return False
+        elif type(mine) is not type(theirs) or mine != theirs:
+            return False
+    return True
+
+
+def _stale_digest(memorized, func):
+    """A digest no stored result carries, for a function whose source on
+    disk is not the code it runs; warn once."""
+    digest = uuid.uuid4().hex
+    _STALE_DIGESTS.add(digest)
+    name = getattr(func, "__qualname__", repr(func))
+    _log.info("%s runs code older than its source on disk: not cached here", name)
+    _warn_once(("stale code", name), (
+        f"{getattr(func, '__module__', '')}.{name} runs other code than its source "
+        f"file now holds (the file changed after it was imported): its results are "
+        f"neither served nor stored in this process until the module is reloaded"),
+        stacklevel=5)
     return digest
 
 
@@ -3300,10 +3400,16 @@ class _LeaseSeen:
     age: float
     lifetime: float
     result_id: object = None
+    mine: bool = False  # written by this process, as the answer to its PUT was lost
 
     @property
     def expired(self):
         return self.state == "computing" and self.age >= self.lifetime
+
+    @property
+    def stands(self):
+        """Whether another writer is computing under this lease."""
+        return self.state == "computing" and not self.expired and not self.mine
 
 
 class _LocalLease:
@@ -3403,8 +3509,12 @@ class _Leases:
         self._prefix = prefix
         self._holder = uuid.uuid4().hex
 
+    def holder(self):
+        """Who writes this process's leases (a forked child is another)."""
+        return f"{self._holder}-{os.getpid()}"
+
     def body(self, state, result_id=None):
-        lease = {"holder": self._holder, "state": state, "lifetime": self.lifetime}
+        lease = {"holder": self.holder(), "state": state, "lifetime": self.lifetime}
         if result_id is not None:
             lease["result_id"] = result_id
         return json.dumps(lease).encode("utf-8")
@@ -3463,7 +3573,8 @@ class _Leases:
 
         ``seen_result_id`` names the result the caller's lookup found (one
         that failed validation), or None if it found none; ``looked_again``
-        that the caller looked again for the result of a lease done, in vain.
+        that the caller looked again for the result of a lease done or
+        expired, in vain.
         """
         lease_key = posixpath.join(posixpath.dirname(key), LEASE)
         local, mine = self._local(lease_key)
@@ -3513,19 +3624,24 @@ class _Leases:
             lease = self._read(lease_key)
             if lease is None:
                 continue  # gone meanwhile: try again
-            if lease.state == "computing" and not lease.expired:
+            if lease.stands:
                 lease = self._wait(lease_key, lease, local)
                 if lease is None:
                     return _LOOK_AGAIN  # gone: its result may be there
             if lease.state == "done" and lease.result_id != seen_result_id and not looked_again:
                 return _LOOK_AGAIN
-            if lease.state == "computing" and not lease.expired:
+            if lease.expired and not looked_again:
+                return _LOOK_AGAIN  # its holder may have stored the result, and died saying so
+            if lease.stands:
                 continue
-            # Released, expired, or done with the very result found wanting.
+            # Released, expired, or done with the very result found wanting;
+            # or this process's own, whose PUT landed though its answer was
+            # lost (the thread that holds the local lease is this one).
             etag = self._put(lease_key, IfMatch=lease.etag)
             if etag is not None:
                 _log.info("%s: took over a lease %s", self.client.url(lease_key),
-                          "that expired" if lease.expired else lease.state)
+                          "that expired" if lease.expired else "of its own" if lease.mine
+                          else lease.state)
                 return _Held(self, lease_key, etag, local)
         return None
 
@@ -3559,7 +3675,7 @@ class _Leases:
             lease, lifetime, state = {}, self.lifetime, "released"  # not one of ours
         age = _age_of(response)
         return _LeaseSeen(state, response.get("ETag"), self.lifetime if age is None else age,
-                          lifetime, lease.get("result_id"))
+                          lifetime, lease.get("result_id"), lease.get("holder") == self.holder())
 
     def _wait(self, lease_key, lease, local):
         """Look at another writer's lease with backoff and jitter until it
@@ -3567,7 +3683,7 @@ class _Leases:
         A lease seen alive is progress for the threads waiting here (a
         renewal rewrites the same body, so its ETag does not change)."""
         delay = _POLL_FIRST
-        while lease is not None and lease.state == "computing" and not lease.expired:
+        while lease is not None and lease.stands:
             time.sleep(delay * random.uniform(0.75, 1.25))
             delay = min(delay * 2, _POLL_MOST, lease.lifetime / 3)
             lease = self._read(lease_key)
@@ -4077,6 +4193,8 @@ class S3StoreBackend(*_STORE_BASES):
         func_id = call_id[0]
         key = self._key_of_call(call_id, OUTPUT)
         beside = call.take("lookup", key) if call is not None else None
+        if call is not None and call.runs_stale_code():
+            return False
         if self._parts.functions.is_off(func_id):
             if beside is not None:
                 beside.close()
@@ -4087,9 +4205,11 @@ class S3StoreBackend(*_STORE_BASES):
             found = beside.answer() if beside is not None else self._client.run(
                 self._look_up(call, key))
             looked_again = False
-            while found is None and call is not None and call.computes_once() and not looked_again:
+            for _ in range(_LEASE_ATTEMPTS):
+                if found is not None or call is None or not call.computes_once():
+                    break
                 # Before the miss is computed: its lease, or its result.
-                taken = self._parts.leases.take(key, None)
+                taken = self._parts.leases.take(key, None, looked_again)
                 if taken is not _LOOK_AGAIN:
                     call.lease = taken
                     break
@@ -4177,7 +4297,7 @@ class S3StoreBackend(*_STORE_BASES):
             if call.write is not None:
                 call.write.close()
             call.write = write
-        if self._parts.functions.is_off(call_id[0]):
+        if self._parts.functions.is_off(call_id[0]) or (call is not None and call.runs_stale_code()):
             write.item = item if self.mmap_mode is not None else None
             write.stage = _Stage.FAILED
             return
@@ -4193,7 +4313,7 @@ class S3StoreBackend(*_STORE_BASES):
         if write is not None and write.key == key:
             write.publish_metadata(metadata)
             return
-        if self._parts.functions.is_off(call_id[0]):
+        if self._parts.functions.is_off(call_id[0]) or (call is not None and call.runs_stale_code()):
             return  # no metadata for a result that is not stored
         try:
             self._client.put(self._key_of_call(call_id, METADATA),
@@ -4286,7 +4406,8 @@ class S3StoreBackend(*_STORE_BASES):
         # out beside this read: a hit in a process that did not write the
         # code takes one round trip, not two.
         lookup = None
-        if call is not None and call.args_id and call.code_digest() and not functions.is_off(func_id):
+        if (call is not None and call.args_id and call.code_digest() and not call.runs_stale_code()
+                and not functions.is_off(func_id)):
             output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
             lookup = _Beside(output_key, client.start(self._look_up(call, output_key)))
         try:
@@ -4347,6 +4468,13 @@ def _route_s3_urls(factory):
 
     @functools.wraps(factory)
     def store_backend_factory(backend, location, *args, **kwargs):
+        if isinstance(location, str) and location[:3].lower() == "s3:" and (
+                location[:5].lower() != "s3://"):
+            # A slash missing would make a local folder named "s3:". The
+            # location is not shown: it may carry a secret.
+            raise ValueError(
+                "a cache location that begins with 's3:' must begin with 's3://': write "
+                "it as 's3://BUCKET/PREFIX'")
         if isinstance(location, str) and location[:5].lower() == "s3://":
             if backend == "local":
                 backend = "s3"
@@ -4577,14 +4705,14 @@ def _parse_age(text):
     units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([dhms])", text.strip())
     if not match:
-        raise ValueError(f"age {text!r} is not like 30d, 12h, 45m or 90s")
+        raise argparse.ArgumentTypeError(f"age {text!r} is not like 30d, 12h, 45m or 90s")
     return datetime.timedelta(**{units[match.group(2)]: float(match.group(1))})
 
 
 def _parse_count(text):
     """A number of items: 0 or more."""
     if not text.strip().isdigit():
-        raise ValueError(f"count {text!r} is not a whole number, 0 or more")
+        raise argparse.ArgumentTypeError(f"count {text!r} is not a whole number, 0 or more")
     return int(text)
 
 
@@ -4596,7 +4724,7 @@ def _parse_bytes(text):
     try:
         return memstr_to_bytes(text.upper())
     except Exception:
-        raise ValueError(f"size {text!r} is not like 10G, 500M, 50K or 1000000") from None
+        raise argparse.ArgumentTypeError(f"size {text!r} is not like 10G, 500M, 50K or 1000000") from None
 
 
 def _open_store(url, arguments):
@@ -4726,8 +4854,6 @@ class _UsageError(Exception):
 
 def _parser():
     """The command line's arguments."""
-    import argparse
-
     parser = argparse.ArgumentParser(
         prog="python -m joblib_store",
         description="joblib's Memory cache in Amazon S3 and S3-compatible stores. "

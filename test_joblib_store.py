@@ -13,6 +13,7 @@ bucket.
 
 import asyncio
 import datetime
+import importlib
 import itertools
 import json
 import logging
@@ -133,7 +134,8 @@ class S3Server:
     answer a request instead of moto: ``(status, code)`` for an S3 error,
     ``"reset"`` to drop the connection, ``"stall"`` to wait STALL_SECONDS
     and then drop it, ``"cut"`` to send moto's answer with half its body,
-    ``"no etag"`` to send it without its ETag header;
+    ``"no etag"`` to send it without its ETag header, ``"lost"`` to let
+    moto carry the request out and drop the connection before its answer;
     ``None`` lets the request through (a fault may also
     just wait, to hold a request back). ``outage`` set to ``"reset"`` or
     ``"stall"`` does that to every request.
@@ -148,6 +150,7 @@ class S3Server:
         self._moto = DomainDispatcherApplication(create_backend_app)
         self._lock = threading.Lock()
         self.requests = []
+        self.answering = threading.local()
         self.faults = []
         self.outage = None
         self.ignore_if_match = False
@@ -163,6 +166,8 @@ class S3Server:
             environ.get("QUERY_STRING", ""), int(environ.get("CONTENT_LENGTH") or 0),
             environ.get("HTTP_RANGE"), environ.get("HTTP_X_AMZ_SECURITY_TOKEN"),
         )
+        request.if_match = environ.get("HTTP_IF_MATCH")
+        self.answering.request = request  # for a fault that needs more than its arguments
         with self._lock:
             self.requests.append(request)
 
@@ -195,6 +200,9 @@ class S3Server:
                 return self._served(environ, lambda status, headers, *rest: start_response(
                     status, [(name, value) for name, value in headers if name.lower() != "etag"],
                     *rest))
+            if answer == "lost":  # carried out, then the answer is lost
+                list(self._served(environ, lambda status, headers, *rest: lambda data: None))
+                answer = "reset"
             if answer == "stall":
                 time.sleep(STALL_SECONDS)
                 answer = "reset"
@@ -722,6 +730,10 @@ def unreachable_url():
          {"compute_once": 1e10}, ValueError, ["compute_once", "one day"]),
         ("local_cache_dir empty", lambda b: f"s3://{b}/cache",
          {"local_cache_dir": ""}, ValueError, ["local_cache_dir is empty"]),
+        ("version_aware a string", lambda b: f"s3://{b}/cache",
+         {"version_aware": "false"}, TypeError, ["version_aware must be a bool"]),
+        ("local_cache_bytes_limit not a size", lambda b: f"s3://{b}/cache",
+         {"local_cache_bytes_limit": "lots"}, ValueError, ["local_cache_bytes_limit='lots'", "'500M'"]),
     ],
 )
 def test_bad_input_gets_a_clear_error(bucket, case, location_of, options, error, words):
@@ -733,6 +745,15 @@ def test_bad_input_gets_a_clear_error(bucket, case, location_of, options, error,
     for word in words:
         assert word in str(raised.value), (word, str(raised.value))
     assert "SENTINEL" not in str(raised.value) + repr(raised.value)  # nor a part of it
+
+
+@pytest.mark.parametrize("location", ["s3:/bucket/cache", "S3:bucket/cache"])
+def test_an_s3_location_missing_a_slash_is_refused_not_made_a_local_folder(
+        location, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="must begin with 's3://'"):
+        Memory(location, verbose=0)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_access_denied_names_bucket_and_endpoint(bucket, s3_server):
@@ -1552,6 +1573,43 @@ def test_a_function_keeps_the_code_digest_of_its_first_reading(
         print(cached(2))
         """
     assert run_python(program, PYTHONDONTWRITEBYTECODE="1").strip() == "('new', 2)"
+
+
+def test_a_module_edited_after_its_import_stores_no_result_of_its_old_code(
+        location, s3_client, bucket, tmp_path, monkeypatch):
+    # Edited before the function's first cached call, joblib reads the new
+    # source while the old code runs: a result stored then would be served
+    # to the new code everywhere.
+    module = tmp_path / "stale.py"
+    module.write_text("def f(x):\n    return ('old', x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "stale", raising=False)
+    import stale
+    module.write_text("def f(x):\n    return ('new', x)  # the file changed\n")
+
+    cached = Memory(location, verbose=0).cache(stale.f)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert [cached(1), cached(1)] == [("old", 1), ("old", 1)]
+        assert cached.check_call_in_cache(1) is False
+        with pytest.raises(KeyError):  # as for any result that was not stored
+            cached.call_and_shelve(2).get()
+    assert [str(w.message) for w in caught] == [
+        "stale.f runs other code than its source file now holds (the file changed after it "
+        "was imported): its results are neither served nor stored in this process until "
+        "the module is reloaded"]
+    assert not [k for k in keys_in(s3_client, bucket) if k.endswith("/output.pkl")]
+    program = f"""
+        import sys
+        sys.path.insert(0, {str(tmp_path)!r})
+        import stale, joblib_store
+        from joblib import Memory
+        print(Memory({location!r}, verbose=0).cache(stale.f)(1))
+        """
+    assert run_python(program, PYTHONDONTWRITEBYTECODE="1").strip() == "('new', 1)"
+    # Reloaded, the module runs its source again, and is cached.
+    importlib.reload(stale)
+    assert Memory(location, verbose=0).cache(stale.f)(1) == ("new", 1)
 
 
 CHANGING_PROGRAM = """
@@ -3205,8 +3263,9 @@ def test_cli_clear_asks_unless_yes(location, filled_cache):
     [
         (["ls"], 2, "required"),
         (["prune", "s3://b-x/c"], 2, "--bytes-limit"),
-        (["prune", "s3://b-x/c", "--age-limit", "soon"], 2, "age-limit"),
-        (["prune", "s3://b-x/c", "--items-limit", "-1"], 2, "items-limit"),
+        (["prune", "s3://b-x/c", "--age-limit", "soon"], 2, "age 'soon' is not like 30d"),
+        (["prune", "s3://b-x/c", "--items-limit", "-1"], 2, "count '-1' is not a whole number"),
+        (["prune", "s3://b-x/c", "--bytes-limit", "lots"], 2, "size 'lots' is not like 10G"),
         (["ls", "s3://"], 1, "s3://"),
         (["ls", "s3://{bucket}-missing/c"], 1, "does not exist"),
         (["clear", "s3://{bucket}/cache", "--function", "nothing", "--yes"], 2, "nothing"),
@@ -4350,6 +4409,26 @@ def test_a_holder_killed_mid_computation_is_taken_over_after_its_lifetime(
 
 
 @needs_conditional_writes
+def test_a_lease_that_expired_after_its_result_landed_is_not_computed_again(
+        location, s3_server, computed_log):
+    # The holder stores its result, but cannot renew its lease nor mark it
+    # done: the waiter looks for the result before it takes the lease over.
+    def fault(operation, path, query):
+        renews = s3_server.answering.request.if_match  # or marks done, or takes over
+        return (503, "SlowDown") if LEASE_REQUESTS["take"](operation, path, query) and renews else None
+
+    s3_server.faults.append(fault)
+    holder = holder_computing(location, computed_log, 1)
+    cached = Memory(location, verbose=0, backend_options={"compute_once": 2}).cache(slow_square)
+    try:
+        with no_warnings():
+            assert cached(4) == 16
+    finally:
+        holder.wait(60)
+    assert computations(computed_log) == ["4"]
+
+
+@needs_conditional_writes
 def test_threads_waiting_for_a_long_computation_elsewhere_wait_while_it_is_renewed(
         location, computed_log, monkeypatch):
     # Another process computes for 3 lifetimes and renews its lease; here one
@@ -4512,6 +4591,24 @@ def test_threads_behind_a_call_that_could_not_take_its_lease_wait_for_it(
         warnings.simplefilter("ignore")
         assert list(pool.map(cached, [6] * 4)) == [36] * 4
     assert computations(computed_log) == ["0", "6"]
+
+
+@needs_conditional_writes
+def test_a_lease_whose_answer_was_lost_is_taken_at_once_not_waited_for(
+        location, s3_server, computed_log, monkeypatch):
+    # The PUT landed; botocore sends it again and meets its own lease (412).
+    cached = Memory(location, verbose=0, backend_options={"compute_once": 20}).cache(slow_square)
+    monkeypatch.setenv("SLOW_SECONDS", "0")
+    assert cached(0) == 0
+    joblib_store._wait_for_background_requests()
+    s3_server.faults.append(one_fault("PutObject", "lost", path_part="/lease"))
+    with s3_server.recording() as requests, no_warnings():
+        assert cached(5) == 25
+        joblib_store._wait_for_background_requests()  # the lease, marked done
+    lease_requests = [(r.operation, r.status) for r in requests if r.path.endswith("/lease")]
+    assert lease_requests == [("PutObject", None), ("PutObject", 412), ("GetObject", 200),
+                              ("PutObject", 200), ("PutObject", 200)]  # taken back, then done
+    assert computations(computed_log) == ["0", "5"]
 
 
 @needs_conditional_writes
