@@ -1594,7 +1594,7 @@ def test_a_module_edited_after_its_import_stores_no_result_of_its_old_code(
         assert cached.check_call_in_cache(1) is False
         with pytest.raises(KeyError):  # as for any result that was not stored
             cached.call_and_shelve(2).get()
-    assert [str(w.message) for w in caught] == [
+    assert cache_warnings(caught) == [
         "stale.f runs other code than its source file now holds (the file changed after it "
         "was imported): its results are neither served nor stored in this process until "
         "the module is reloaded"]
