@@ -3104,20 +3104,37 @@ def _codes_in(code):
             yield from _codes_in(constant)
 
 
+_CODE_FIELDS = ("co_code", "co_names", "co_varnames", "co_freevars", "co_cellvars",
+                "co_argcount", "co_posonlyargcount", "co_kwonlyargcount")
+_SET_WHEN_RUN = inspect.CO_ITERABLE_COROUTINE  # by types.coroutine, on the live code
+
+
 def _same_code(one, other):
     """Whether two code objects run the same instructions on the same names
     and constants (wherever their lines are)."""
-    if (one.co_code, one.co_names, one.co_varnames, one.co_argcount, one.co_kwonlyargcount) != (
-            other.co_code, other.co_names, other.co_varnames, other.co_argcount,
-            other.co_kwonlyargcount) or len(one.co_consts) != len(other.co_consts):
+    if (any(getattr(one, field) != getattr(other, field) for field in _CODE_FIELDS)
+            or one.co_flags | _SET_WHEN_RUN != other.co_flags | _SET_WHEN_RUN
+            or len(one.co_consts) != len(other.co_consts)):
         return False
     for mine, theirs in zip(one.co_consts, other.co_consts):
         if isinstance(mine, types.CodeType) and isinstance(theirs, types.CodeType):
             if not _same_code(mine, theirs):
                 return False
-        elif type(mine) is not type(theirs) or mine != theirs:
+        elif _constant_key(mine) != _constant_key(theirs):
             return False
     return True
+
+
+def _constant_key(constant):
+    """A constant as compared: by type and value, floats by repr (so that
+    -0.0 is not 0.0, nor 1.0 True, and a NaN is itself)."""
+    if isinstance(constant, (tuple, frozenset)):
+        return type(constant), type(constant)(_constant_key(item) for item in constant)
+    if isinstance(constant, (float, complex)):
+        return type(constant), repr(constant)
+    if isinstance(constant, types.CodeType):
+        return type(constant), id(constant)  # met beside a constant: never equal
+    return type(constant), constant
 
 
 def _stale_digest(memorized, func):
