@@ -3044,7 +3044,11 @@ def _digest_of_function(memorized):
         except Exception:
             return None
     digest = _code_digest(func_code) if isinstance(func_code, str) else None
-    if digest is not None and not _runs_its_source(func, func_code):
+    try:
+        runs_its_source = digest is None or _runs_its_source(func, func_code)
+    except Exception:  # an object that only looks like a function: as before
+        runs_its_source = True
+    if not runs_its_source:
         digest = _stale_digest(memorized, func)
     with contextlib.suppress(TypeError):
         _CODE_DIGESTS[func] = (code_id, digest)
