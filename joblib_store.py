@@ -76,7 +76,6 @@ Copyright (c) 2026, the joblib-store developers. BSD 3-clause licence.
 __all__ = ["S3StoreBackend", "register_s3_store_backend"]
 __version__ = "0.3.0"
 
-import argparse
 import asyncio
 import bisect
 import collections
@@ -3049,7 +3048,7 @@ def _digest_of_function(memorized):
     except Exception:  # an object that only looks like a function: as before
         runs_its_source = True
     if not runs_its_source:
-        digest = _stale_digest(memorized, func)
+        digest = _stale_digest(func)
     with contextlib.suppress(TypeError):
         _CODE_DIGESTS[func] = (code_id, digest)
     return digest
@@ -3141,7 +3140,7 @@ def _constant_key(constant):
     return type(constant), constant
 
 
-def _stale_digest(memorized, func):
+def _stale_digest(func):
     """A digest no stored result carries, for a function whose source on
     disk is not the code it runs; warn once."""
     digest = uuid.uuid4().hex
@@ -4308,6 +4307,11 @@ class S3StoreBackend(*_STORE_BASES):
                 print(_load_message(call_id, verbose, timestamp, metadata, url))
             return self._load_output(call_id)
 
+    def _stores(self, call, func_id):
+        """Whether results of func_id, in this call, are stored and looked up."""
+        stale = call is not None and call.runs_stale_code()
+        return not stale and not self._parts.functions.is_off(func_id)
+
     def dump_item(self, call_id, item, verbose=1):
         # Streamed straight to the final key: no temporary object, no copy.
         # The steps of a write, and their order, are _Write's.
@@ -4318,7 +4322,7 @@ class S3StoreBackend(*_STORE_BASES):
             if call.write is not None:
                 call.write.close()
             call.write = write
-        if self._parts.functions.is_off(call_id[0]) or (call is not None and call.runs_stale_code()):
+        if not self._stores(call, call_id[0]):
             write.item = item if self.mmap_mode is not None else None
             write.stage = _Stage.FAILED
             return
@@ -4334,7 +4338,7 @@ class S3StoreBackend(*_STORE_BASES):
         if write is not None and write.key == key:
             write.publish_metadata(metadata)
             return
-        if self._parts.functions.is_off(call_id[0]) or (call is not None and call.runs_stale_code()):
+        if not self._stores(call, call_id[0]):
             return  # no metadata for a result that is not stored
         try:
             self._client.put(self._key_of_call(call_id, METADATA),
@@ -4427,8 +4431,7 @@ class S3StoreBackend(*_STORE_BASES):
         # out beside this read: a hit in a process that did not write the
         # code takes one round trip, not two.
         lookup = None
-        if (call is not None and call.args_id and call.code_digest() and not call.runs_stale_code()
-                and not functions.is_off(func_id)):
+        if call is not None and call.args_id and call.code_digest() and self._stores(call, func_id):
             output_key = self._key_of_call((func_id, call.args_id), OUTPUT)
             lookup = _Beside(output_key, client.start(self._look_up(call, output_key)))
         try:
@@ -4721,19 +4724,26 @@ def _demo(location, endpoint_url):
             print("Stopped the local S3 server")
 
 
+def _argument_error(message):
+    """The error of a command-line value, shown as it is said."""
+    import argparse  # the command line's alone: not at import
+
+    return argparse.ArgumentTypeError(message)
+
+
 def _parse_age(text):
     """'30d', '12h', '45m' or '90s' as a timedelta."""
     units = {"d": "days", "h": "hours", "m": "minutes", "s": "seconds"}
     match = re.fullmatch(r"(\d+(?:\.\d+)?)([dhms])", text.strip())
     if not match:
-        raise argparse.ArgumentTypeError(f"age {text!r} is not like 30d, 12h, 45m or 90s")
+        raise _argument_error(f"age {text!r} is not like 30d, 12h, 45m or 90s")
     return datetime.timedelta(**{units[match.group(2)]: float(match.group(1))})
 
 
 def _parse_count(text):
     """A number of items: 0 or more."""
     if not text.strip().isdigit():
-        raise argparse.ArgumentTypeError(f"count {text!r} is not a whole number, 0 or more")
+        raise _argument_error(f"count {text!r} is not a whole number, 0 or more")
     return int(text)
 
 
@@ -4745,7 +4755,7 @@ def _parse_bytes(text):
     try:
         return memstr_to_bytes(text.upper())
     except Exception:
-        raise argparse.ArgumentTypeError(f"size {text!r} is not like 10G, 500M, 50K or 1000000") from None
+        raise _argument_error(f"size {text!r} is not like 10G, 500M, 50K or 1000000") from None
 
 
 def _open_store(url, arguments):
@@ -4875,6 +4885,8 @@ class _UsageError(Exception):
 
 def _parser():
     """The command line's arguments."""
+    import argparse
+
     parser = argparse.ArgumentParser(
         prog="python -m joblib_store",
         description="joblib's Memory cache in Amazon S3 and S3-compatible stores. "
